@@ -1,0 +1,1 @@
+"""Implementations of the ports: each module here is the only importer of its client library."""

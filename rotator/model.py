@@ -1,0 +1,376 @@
+"""Value types shared by every part: keys, secrets, the rotator state and what IAM holds.
+
+Everything here is an immutable value. Times are aware datetimes in UTC. The state documents
+written to Vault are produced and parsed here (``to_document`` / ``from_document``) so the
+layout of DESIGN.md section 1 lives in one place. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rotator import errors
+
+STATE_SCHEMA = 1
+CREATED_IDS_KEPT = 50  # bounded history of key ids this rotator created
+
+
+class Secret:
+    """A secret string whose repr and str are masked, so it cannot leak through logs or tracebacks.
+
+    Every value ever wrapped is also remembered (boundedly) so the log redaction step can remove
+    it even if someone formats it by mistake.
+    """
+
+    __slots__ = ("_value",)
+    _known: dict[str, None] = {}  # insertion-ordered set
+    _known_lock = threading.Lock()
+    _KNOWN_MAX = 4096
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        if len(value) >= 8:
+            with Secret._known_lock:
+                Secret._known[value] = None
+                while len(Secret._known) > Secret._KNOWN_MAX:
+                    del Secret._known[next(iter(Secret._known))]
+
+    def reveal(self) -> str:
+        """The secret itself: call only where it is handed to a client library or Vault."""
+        return self._value
+
+    @classmethod
+    def known_values(cls) -> tuple[str, ...]:
+        with cls._known_lock:
+            return tuple(cls._known)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+def utc(value: datetime) -> datetime:
+    """The same instant as an aware UTC datetime; a naive value is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, the form written to Vault."""
+    return utc(value).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse RFC 3339 / ISO 8601; a timestamp without a zone is UTC (never the host's zone)."""
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    return utc(datetime.fromisoformat(value))
+
+
+def _opt_time(value: Any) -> datetime | None:
+    return None if value in (None, "") else parse_time(str(value))
+
+
+def _fmt_opt(value: datetime | None) -> str | None:
+    return None if value is None else format_time(value)
+
+
+def whole_seconds(value: datetime) -> datetime:
+    """Drop sub-second precision: IAM may report create dates at second precision."""
+    return utc(value).replace(microsecond=0)
+
+
+# --- IAM side --------------------------------------------------------------------------------
+
+
+class KeyStatus(enum.StrEnum):
+    ACTIVE = "Active"
+    INACTIVE = "Inactive"
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """An access key as IAM lists it (never with its secret)."""
+
+    key_id: str
+    status: KeyStatus
+    created: datetime
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just created: the only moment IAM returns its secret."""
+
+    key_id: str
+    secret: Secret
+    created: datetime
+
+
+class VerifyOutcome(enum.Enum):
+    VALID = "valid"  # the key authenticated (the call succeeded or was merely not authorized)
+    NOT_YET = "not_yet"  # IAM does not accept the key (yet): still propagating, or bad
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    outcome: VerifyOutcome
+    detail: str = ""  # the error code seen, for logs (never the secret)
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    version_id: str
+    is_default: bool
+    created: datetime
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A managed policy as observed, with its default version's document parsed."""
+
+    name: str
+    arn: str
+    default_version_id: str
+    document: Mapping[str, Any]
+    versions: tuple[PolicyVersion, ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    members: frozenset[str]
+    attached_policies: frozenset[str]  # policy names
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+
+
+# --- Vault side ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """The published secret consumers read. ``version`` is the KV v2 version read (0: absent)."""
+
+    access_key_id: str | None
+    created_at: datetime | None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # fields others put there; kept
+    version: int = 0
+
+    PUBLISHED_FIELDS = ("access_key_id", "secret_access_key", "created_at")
+
+
+@dataclass(frozen=True)
+class CurrentKey:
+    key_id: str
+    created: datetime
+    published_at: datetime
+    verified_at: datetime
+
+
+@dataclass(frozen=True)
+class RetiringKey:
+    """An old key on its way out: Active until ``retire_at``, Inactive until ``delete_at``."""
+
+    key_id: str
+    retire_at: datetime
+    deactivated_at: datetime | None = None
+    delete_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """A key created and stored but not yet verified; its secret lives only here and in IAM."""
+
+    key_id: str
+    secret: Secret
+    created: datetime
+    attempts: int = 0
+    last_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Intent:
+    """Written just before CreateAccessKey: a key created at or after ``started_at`` is ours."""
+
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """The rotator's private state for one target (DESIGN.md section 1)."""
+
+    current: CurrentKey | None = None
+    retiring: tuple[RetiringKey, ...] = ()
+    pending: PendingKey | None = None
+    intent: Intent | None = None
+    created_ids: tuple[str, ...] = ()
+    identity_digest: str | None = None
+    identity_checked_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_rotation_at: datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    next_due_at: datetime | None = None
+    failures: int = 0  # consecutive failed rotation attempts
+    retry_after: datetime | None = None  # no new key before this (backoff after a failure)
+
+    def replace(self, **changes: Any) -> TargetState:
+        return dataclasses.replace(self, **changes)
+
+    def remember_created(self, key_id: str) -> TargetState:
+        ids = tuple(i for i in self.created_ids if i != key_id) + (key_id,)
+        return self.replace(created_ids=ids[-CREATED_IDS_KEPT:])
+
+    def tracked_ids(self) -> frozenset[str]:
+        """Ids of keys the state gives a role: current, pending or retiring."""
+        ids = {r.key_id for r in self.retiring}
+        if self.current:
+            ids.add(self.current.key_id)
+        if self.pending:
+            ids.add(self.pending.key_id)
+        return frozenset(ids)
+
+    # --- the Vault document ---------------------------------------------------------------
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"schema": STATE_SCHEMA}
+        doc["current"] = (
+            None
+            if self.current is None
+            else {
+                "key_id": self.current.key_id,
+                "created": format_time(self.current.created),
+                "published_at": format_time(self.current.published_at),
+                "verified_at": format_time(self.current.verified_at),
+            }
+        )
+        doc["retiring"] = [
+            {
+                "key_id": r.key_id,
+                "retire_at": format_time(r.retire_at),
+                "deactivated_at": _fmt_opt(r.deactivated_at),
+                "delete_at": _fmt_opt(r.delete_at),
+            }
+            for r in self.retiring
+        ]
+        doc["pending"] = (
+            None
+            if self.pending is None
+            else {
+                "key_id": self.pending.key_id,
+                "secret": self.pending.secret.reveal(),
+                "created": format_time(self.pending.created),
+                "attempts": self.pending.attempts,
+                "last_attempt_at": _fmt_opt(self.pending.last_attempt_at),
+            }
+        )
+        doc["intent"] = (
+            None if self.intent is None else {"started_at": format_time(self.intent.started_at)}
+        )
+        doc["created_ids"] = list(self.created_ids)
+        doc["identity"] = {
+            "digest": self.identity_digest,
+            "checked_at": _fmt_opt(self.identity_checked_at),
+        }
+        doc["outcome"] = {
+            "last_success_at": _fmt_opt(self.last_success_at),
+            "last_rotation_at": _fmt_opt(self.last_rotation_at),
+            "last_error": self.last_error,
+            "last_error_at": _fmt_opt(self.last_error_at),
+            "next_due_at": _fmt_opt(self.next_due_at),
+            "failures": self.failures,
+            "retry_after": _fmt_opt(self.retry_after),
+        }
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> TargetState:
+        """Parse a state document; an unknown or missing schema is a permanent error."""
+        schema = doc.get("schema")
+        if schema != STATE_SCHEMA:
+            raise errors.StateSchemaError(
+                f"rotator state has schema {schema!r}, this rotator understands schema "
+                f"{STATE_SCHEMA}: upgrade rotator, or move the state away if it is not rotator's"
+            )
+        try:
+            cur = doc.get("current")
+            pen = doc.get("pending")
+            intent = doc.get("intent")
+            ident = doc.get("identity") or {}
+            out = doc.get("outcome") or {}
+            return cls(
+                current=None
+                if not cur
+                else CurrentKey(
+                    key_id=str(cur["key_id"]),
+                    created=parse_time(cur["created"]),
+                    published_at=parse_time(cur["published_at"]),
+                    verified_at=parse_time(cur["verified_at"]),
+                ),
+                retiring=tuple(
+                    RetiringKey(
+                        key_id=str(r["key_id"]),
+                        retire_at=parse_time(r["retire_at"]),
+                        deactivated_at=_opt_time(r.get("deactivated_at")),
+                        delete_at=_opt_time(r.get("delete_at")),
+                    )
+                    for r in doc.get("retiring") or ()
+                ),
+                pending=None
+                if not pen
+                else PendingKey(
+                    key_id=str(pen["key_id"]),
+                    secret=Secret(str(pen["secret"])),
+                    created=parse_time(pen["created"]),
+                    attempts=int(pen.get("attempts") or 0),
+                    last_attempt_at=_opt_time(pen.get("last_attempt_at")),
+                ),
+                intent=None if not intent else Intent(parse_time(intent["started_at"])),
+                created_ids=tuple(str(i) for i in doc.get("created_ids") or ()),
+                identity_digest=ident.get("digest"),
+                identity_checked_at=_opt_time(ident.get("checked_at")),
+                last_success_at=_opt_time(out.get("last_success_at")),
+                last_rotation_at=_opt_time(out.get("last_rotation_at")),
+                last_error=out.get("last_error"),
+                last_error_at=_opt_time(out.get("last_error_at")),
+                next_due_at=_opt_time(out.get("next_due_at")),
+                failures=int(out.get("failures") or 0),
+                retry_after=_opt_time(out.get("retry_after")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.StateSchemaError(
+                f"rotator state is malformed ({type(exc).__name__} on {exc}): "
+                "inspect it with `rotator status`; restore a previous KV version if needed"
+            ) from None
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A state with the KV v2 version it was read at (0: no state yet), for check-and-set."""
+
+    state: TargetState
+    version: int
