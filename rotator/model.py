@@ -374,3 +374,28 @@ class StoredState:
 
     state: TargetState
     version: int
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one pass over one target did and saw: the input of metrics, logs and `status`."""
+
+    target: str
+    ok: bool  # the pass ended without error
+    duration_seconds: float = 0.0
+    rotated: bool = False  # a new key was published during this pass
+    rotation_failed: bool = False  # a rotation attempt failed (create refused, never verified)
+    blocked: bool = False  # a due rotation cannot proceed (no free slot, ...)
+    blocked_reason: str | None = None
+    published_key_id: str | None = None
+    key_created: datetime | None = None  # creation time of the published key
+    last_rotation_at: datetime | None = None
+    next_due: datetime | None = None
+    keys_active: int = 0
+    keys_inactive: int = 0
+    foreign_keys: int = 0
+    pending_key_id: str | None = None
+    error: str | None = None  # one-line message of the error that ended the pass
+    error_components: tuple[str, ...] = ()  # one entry per error counted (eim, vault, verify...)
+    actions: tuple[str, ...] = ()  # what was done, in order (or planned, in a dry run)
+    dry_run: bool = False
