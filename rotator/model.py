@@ -214,9 +214,13 @@ class PendingKey:
 
 @dataclass(frozen=True)
 class Intent:
-    """Written just before CreateAccessKey: a key created at or after ``started_at`` is ours."""
+    """Written just before CreateAccessKey: a key created at or after ``started_at`` is ours.
+
+    ``existing_ids`` are the keys IAM listed just before; none of them can be the orphan.
+    """
 
     started_at: datetime
+    existing_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,12 @@ class TargetState:
             }
         )
         doc["intent"] = (
-            None if self.intent is None else {"started_at": format_time(self.intent.started_at)}
+            None
+            if self.intent is None
+            else {
+                "started_at": format_time(self.intent.started_at),
+                "existing_ids": list(self.intent.existing_ids),
+            }
         )
         doc["created_ids"] = list(self.created_ids)
         doc["identity"] = {
@@ -349,7 +358,12 @@ class TargetState:
                     attempts=int(pen.get("attempts") or 0),
                     last_attempt_at=_opt_time(pen.get("last_attempt_at")),
                 ),
-                intent=None if not intent else Intent(parse_time(intent["started_at"])),
+                intent=None
+                if not intent
+                else Intent(
+                    parse_time(intent["started_at"]),
+                    tuple(str(i) for i in intent.get("existing_ids") or ()),
+                ),
                 created_ids=tuple(str(i) for i in doc.get("created_ids") or ()),
                 identity_digest=ident.get("digest"),
                 identity_checked_at=_opt_time(ident.get("checked_at")),
