@@ -1,0 +1,419 @@
+"""The rotation protocol as pure decisions: (observed keys, state, published, policy, now) -> plan.
+
+This module reads no clock, does no I/O and does not log. ``engine`` observes IAM and Vault,
+asks :func:`decide` what to do, applies the actions in order and writes the state; after a
+verification attempt it asks :func:`judge_verification` what follows.
+
+Roles a key can have, from the rotator's point of view::
+
+    (none) --intent--> INTENT --create+pending write--> PENDING --verified+publish--> CURRENT
+    CURRENT --next key published--> RETIRING/Active --retire_at--> RETIRING/Inactive
+    RETIRING/Inactive --delete_at--> deleted
+
+Transition table (what :func:`decide` plans, in this order; "state" means the rotator state):
+
+=====================  ==================================================  ===================
+action                 when                                                effect
+=====================  ==================================================  ===================
+DROP_PENDING           pending key no longer in IAM                        state: pending=None
+PROMOTE_PENDING        pending key is already the published one (crash     state: pending ->
+                       between publish and the state write)                current, old current
+                                                                           -> retiring
+RESOLVE_PENDING        pending key in IAM, not published                   verify; VALID:
+                                                                           publish + promote;
+                                                                           NOT_YET: retry at
+                                                                           backoff or delete
+DELETE_ORPHAN          key created after an intent marker, not tracked     IAM: delete
+                       (its secret was lost in a crash)
+DELETE_ORPHAN          key this rotator created that is no longer          IAM: delete
+                       current, pending nor retiring
+CLEAR_INTENT           an intent marker with no pending key                state: intent=None
+FORGET_RETIRED         retiring key no longer in IAM                       state: drop it
+DEACTIVATE             retiring key Active and now >= retire_at            IAM: Inactive; state:
+                                                                           delete_at=now+inactive
+SCHEDULE_DELETE        retiring key Inactive but no delete_at (someone     state: delete_at=
+                       else deactivated it)                                now+inactive_period
+DELETE_RETIRED         retiring key Inactive and now >= delete_at          IAM: delete; state:
+                                                                           drop it
+CREATE_KEY             rotation due, no pending key, a free slot           intent, create,
+                                                                           pending, then resolve
+BLOCKED                rotation due but no free key slot                   report, alert
+=====================  ==================================================  ===================
+
+Rules that hold whatever the inputs (property-tested):
+
+- the published key (the id in Vault) is never the subject of DEACTIVATE or any delete;
+- a foreign key (not created by this rotator, not adopted) is never deactivated or deleted;
+- CREATE_KEY is planned only if, after the deletions planned before it, fewer than ``max_keys``
+  keys remain;
+- CREATE_KEY is never planned while a pending key exists: one rotation in flight at a time.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from rotator import model
+
+# Verification schedule: OUTSCALE locks authentication after four failed attempts in a row, so
+# the delays keep it at three attempts in the first minute (0 s, 10 s, 30 s) and 60 s apart after.
+VERIFY_FIRST_DELAY = timedelta(seconds=10)
+VERIFY_MAX_DELAY = timedelta(seconds=60)
+MAX_VERIFY_ATTEMPTS = 8
+FAILURE_BACKOFF_MAX = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The timing rules of one target (DESIGN.md section 1)."""
+
+    max_age: timedelta
+    grace: timedelta
+    inactive_period: timedelta
+    check_interval: timedelta
+    max_keys: int = 2
+    verify_timeout: timedelta = timedelta(minutes=2)
+
+
+class ActionKind(enum.StrEnum):
+    DROP_PENDING = "drop_pending"
+    PROMOTE_PENDING = "promote_pending"
+    RESOLVE_PENDING = "resolve_pending"
+    DELETE_ORPHAN = "delete_orphan"
+    CLEAR_INTENT = "clear_intent"
+    FORGET_RETIRED = "forget_retired"
+    DEACTIVATE = "deactivate"
+    SCHEDULE_DELETE = "schedule_delete"
+    DELETE_RETIRED = "delete_retired"
+    CREATE_KEY = "create_key"
+    BLOCKED = "blocked"
+
+
+MUTATING = frozenset(
+    {
+        ActionKind.RESOLVE_PENDING,
+        ActionKind.DELETE_ORPHAN,
+        ActionKind.DEACTIVATE,
+        ActionKind.DELETE_RETIRED,
+        ActionKind.CREATE_KEY,
+    }
+)
+DELETING = frozenset({ActionKind.DELETE_ORPHAN, ActionKind.DELETE_RETIRED})
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    reason: str
+    key_id: str | None = None
+
+    def describe(self) -> str:
+        subject = f" {self.key_id}" if self.key_id else ""
+        return f"{self.kind.value}{subject}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...]
+    due_reason: str | None  # why a rotation is due now; None when it is not
+    next_due: datetime | None  # when the next rotation becomes due (None: unknown/now)
+    foreign: tuple[str, ...]  # ids of keys this rotator did not create
+    blocked: str | None = None  # why a due rotation cannot proceed
+
+
+class Verdict(enum.Enum):
+    PUBLISH = "publish"
+    RETRY = "retry"
+    GIVE_UP = "give_up"
+
+
+@dataclass(frozen=True)
+class VerifyJudgement:
+    verdict: Verdict
+    retry_at: datetime | None = None
+    reason: str = ""
+
+
+def decide(
+    keys: Sequence[model.AccessKey],
+    state: model.TargetState,
+    published: model.Published,
+    policy: Policy,
+    now: datetime,
+    *,
+    force: bool = False,
+    window_open: Callable[[datetime], bool] | None = None,
+) -> Decision:
+    """Plan one pass over a target (steps 3 to 6 of DESIGN.md section 1)."""
+    by_id = {k.key_id: k for k in keys}
+    published_id = published.access_key_id
+    protected = {published_id} if published_id else set()
+    tracked = state.tracked_ids()
+    created = set(state.created_ids)
+    actions: list[Action] = []
+    deleted: set[str] = set()
+
+    def delete(kind: ActionKind, key_id: str, reason: str) -> None:
+        if key_id in protected or key_id in deleted:
+            return
+        deleted.add(key_id)
+        actions.append(Action(kind, reason, key_id))
+
+    # 3. a rotation in flight
+    pending = state.pending
+    pending_live = False  # a pending key to verify and publish
+    in_flight = False  # a rotation is being finished: no new key in this pass
+    if pending is not None:
+        if pending.key_id not in by_id:
+            actions.append(Action(ActionKind.DROP_PENDING, "pending key no longer in IAM"))
+        elif pending.key_id == published_id:
+            in_flight = True
+            actions.append(
+                Action(
+                    ActionKind.PROMOTE_PENDING,
+                    "pending key is already published: finish the interrupted rotation",
+                    pending.key_id,
+                )
+            )
+        else:
+            pending_live = in_flight = True
+
+    # 4. clean up after crashes
+    orphans_of_intent: set[str] = set()
+    if state.intent is not None and not pending_live:
+        started = model.whole_seconds(state.intent.started_at)
+        for key in keys:
+            if (
+                key.key_id not in tracked
+                and key.key_id not in created
+                and key.key_id not in state.intent.existing_ids
+                and model.whole_seconds(key.created) >= started
+            ):
+                orphans_of_intent.add(key.key_id)
+                delete(
+                    ActionKind.DELETE_ORPHAN,
+                    key.key_id,
+                    "created by an interrupted rotation; its secret was never stored",
+                )
+        actions.append(Action(ActionKind.CLEAR_INTENT, "no rotation in flight"))
+    for key in keys:
+        if key.key_id in created and key.key_id not in tracked:
+            delete(
+                ActionKind.DELETE_ORPHAN,
+                key.key_id,
+                "created by rotator but no longer current, pending nor retiring",
+            )
+
+    # 5. retire
+    for retiring in state.retiring:
+        key = by_id.get(retiring.key_id)
+        if key is None:
+            actions.append(
+                Action(ActionKind.FORGET_RETIRED, "retiring key no longer in IAM", retiring.key_id)
+            )
+        elif retiring.key_id in protected:
+            continue  # the published key is never retired, whatever the state says
+        elif key.status is model.KeyStatus.ACTIVE:
+            if now >= retiring.retire_at:
+                actions.append(
+                    Action(ActionKind.DEACTIVATE, "grace period is over", retiring.key_id)
+                )
+        elif retiring.delete_at is None:
+            actions.append(
+                Action(
+                    ActionKind.SCHEDULE_DELETE,
+                    "retiring key was made Inactive outside rotator",
+                    retiring.key_id,
+                )
+            )
+        elif now >= retiring.delete_at:
+            delete(ActionKind.DELETE_RETIRED, retiring.key_id, "inactive period is over")
+
+    foreign = tuple(
+        k.key_id
+        for k in keys
+        if k.key_id not in created and k.key_id not in tracked and k.key_id not in orphans_of_intent
+    )
+
+    # 6. rotate when due
+    due_reason, next_due = _due(by_id, state, published, policy, now, force, window_open)
+    if pending_live and pending is not None:
+        actions.append(
+            Action(ActionKind.RESOLVE_PENDING, "a new key awaits verification", pending.key_id)
+        )
+    if in_flight:
+        return Decision(tuple(actions), due_reason, next_due, foreign)
+    if due_reason is None:
+        return Decision(tuple(actions), None, next_due, foreign)
+
+    remaining = [k for k in keys if k.key_id not in deleted]
+    if len(remaining) >= policy.max_keys:
+        blocked = _blocked_reason(remaining, state, foreign, policy)
+        actions.append(Action(ActionKind.BLOCKED, blocked))
+        return Decision(tuple(actions), due_reason, next_due, foreign, blocked)
+    actions.append(Action(ActionKind.CREATE_KEY, due_reason))
+    return Decision(tuple(actions), due_reason, next_due, foreign)
+
+
+def _due(
+    by_id: dict[str, model.AccessKey],
+    state: model.TargetState,
+    published: model.Published,
+    policy: Policy,
+    now: datetime,
+    force: bool,
+    window_open: Callable[[datetime], bool] | None,
+) -> tuple[str | None, datetime | None]:
+    """Why a new key is needed now (None if not) and when the next one is due."""
+    current = state.current
+    next_due = None if current is None else current.created + policy.max_age
+    if force:
+        return "forced by operator", next_due
+    if current is None:
+        reason = "no current key (first key for this target)"
+    elif current.key_id not in by_id:
+        reason = "current key is gone from IAM"
+    elif by_id[current.key_id].status is model.KeyStatus.INACTIVE:
+        reason = "current key is Inactive in IAM"
+    elif published.access_key_id is None or published.access_key_id not in by_id:
+        reason = "the published secret does not hold a key that exists in IAM"
+    elif next_due is not None and now >= next_due:
+        if window_open is not None and not window_open(now):
+            return None, next_due
+        reason = "current key reached max_age"
+    else:
+        return None, next_due
+    if state.retry_after is not None and now < state.retry_after:
+        return None, state.retry_after
+    return reason, next_due
+
+
+def _blocked_reason(
+    remaining: Sequence[model.AccessKey],
+    state: model.TargetState,
+    foreign: tuple[str, ...],
+    policy: Policy,
+) -> str:
+    retiring = [r.key_id for r in state.retiring]
+    parts = [f"{len(remaining)} keys of max_keys {policy.max_keys} in use"]
+    if state.current:
+        parts.append(f"current {state.current.key_id}")
+    if retiring:
+        parts.append("retiring " + ", ".join(retiring))
+    if foreign:
+        parts.append("foreign " + ", ".join(foreign))
+    hint = (
+        "foreign keys are never removed automatically: delete one by hand or hand it over "
+        "with `rotator adopt`"
+        if foreign
+        else "wait for the retiring key to be deleted, or shorten grace/inactive_period"
+    )
+    return f"no free key slot ({'; '.join(parts)}): {hint}"
+
+
+def verify_delay(attempts: int) -> timedelta:
+    """The wait before the next verification attempt, after ``attempts`` failed ones."""
+    if attempts <= 0:
+        return timedelta(0)
+    return min(VERIFY_FIRST_DELAY * (2 ** (attempts - 1)), VERIFY_MAX_DELAY)
+
+
+def next_verify_at(pending: model.PendingKey) -> datetime:
+    """When the pending key may be tried again (at once if it was never tried)."""
+    if pending.last_attempt_at is None:
+        return pending.created
+    return pending.last_attempt_at + verify_delay(pending.attempts)
+
+
+def judge_verification(
+    pending: model.PendingKey,
+    result: model.VerifyResult,
+    policy: Policy,
+    now: datetime,
+) -> VerifyJudgement:
+    """After an attempt (already counted in ``pending.attempts``): publish, retry, or give up."""
+    if result.outcome is model.VerifyOutcome.VALID:
+        return VerifyJudgement(Verdict.PUBLISH, reason="the new key authenticated")
+    retry_at = now + verify_delay(pending.attempts)
+    if pending.attempts >= MAX_VERIFY_ATTEMPTS or retry_at > pending.created + policy.verify_timeout:
+        return VerifyJudgement(
+            Verdict.GIVE_UP,
+            reason=(
+                f"new key never authenticated ({result.detail or 'refused'}) after "
+                f"{pending.attempts} attempts within verify_timeout"
+            ),
+        )
+    return VerifyJudgement(Verdict.RETRY, retry_at, f"not accepted yet ({result.detail})")
+
+
+def failure_backoff(failures: int, policy: Policy) -> timedelta:
+    """How long to wait before a fresh key after ``failures`` failed rotations in a row."""
+    base = max(policy.check_interval, timedelta(seconds=1))
+    return min(base * (2 ** max(failures - 1, 0)), max(FAILURE_BACKOFF_MAX, base))
+
+
+def promote(
+    state: model.TargetState, pending: model.PendingKey, policy: Policy, now: datetime
+) -> model.TargetState:
+    """The state once ``pending`` is published: it becomes current, the old current retires."""
+    retiring = list(state.retiring)
+    old = state.current
+    if old is not None and old.key_id != pending.key_id:
+        retiring = [r for r in retiring if r.key_id != old.key_id]
+        retiring.append(model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace))
+    return state.replace(
+        current=model.CurrentKey(
+            key_id=pending.key_id,
+            created=pending.created,
+            published_at=now,
+            verified_at=pending.last_attempt_at or now,
+        ),
+        retiring=tuple(r for r in retiring if r.key_id != pending.key_id),
+        pending=None,
+        intent=None,
+        last_rotation_at=now,
+        failures=0,
+        retry_after=None,
+        last_error=None,
+    ).remember_created(pending.key_id)
+
+
+def deactivated(
+    state: model.TargetState, key_id: str, policy: Policy, now: datetime
+) -> model.TargetState:
+    """The state once a retiring key is Inactive: it will be deleted after inactive_period."""
+    return state.replace(
+        retiring=tuple(
+            model.RetiringKey(
+                key_id=r.key_id,
+                retire_at=r.retire_at,
+                deactivated_at=now,
+                delete_at=now + policy.inactive_period,
+            )
+            if r.key_id == key_id
+            else r
+            for r in state.retiring
+        )
+    )
+
+
+def forget_retiring(state: model.TargetState, key_id: str) -> model.TargetState:
+    return state.replace(retiring=tuple(r for r in state.retiring if r.key_id != key_id))
+
+
+def adopt(
+    state: model.TargetState, key: model.AccessKey, policy: Policy, now: datetime
+) -> model.TargetState:
+    """Take over a foreign key: it retires through grace, Inactive, delete like our own."""
+    retiring = model.RetiringKey(key_id=key.key_id, retire_at=now + policy.grace)
+    if key.status is model.KeyStatus.INACTIVE:
+        retiring = model.RetiringKey(
+            key_id=key.key_id,
+            retire_at=now,
+            deactivated_at=now,
+            delete_at=now + policy.inactive_period,
+        )
+    return state.replace(retiring=(*state.retiring, retiring)).remember_created(key.key_id)
