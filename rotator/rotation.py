@@ -314,6 +314,14 @@ def _blocked_reason(
     return f"no free key slot ({'; '.join(parts)}): {hint}"
 
 
+def next_due(state: model.TargetState, policy: Policy) -> datetime | None:
+    """When the next rotation is due by age (or by backoff); None: as soon as possible."""
+    due = None if state.current is None else state.current.created + policy.max_age
+    if state.retry_after is not None and (due is None or state.retry_after > due):
+        return state.retry_after
+    return due
+
+
 def verify_delay(attempts: int) -> timedelta:
     """The wait before the next verification attempt, after ``attempts`` failed ones."""
     if attempts <= 0:

@@ -1,0 +1,577 @@
+"""One pass over one target: observe, decide, apply step by step, report.
+
+The engine is where decisions (``rotation``, ``identity``) meet the ports (``Identity`` for
+EIM, ``SecretStore`` for Vault). It keeps nothing between passes that matters: everything is
+observed again and the state is written to Vault with check-and-set, so a crash at any point
+leaves a state the next pass continues from.
+
+Order rules that keep operators from being locked out:
+
+- Vault is read before any IAM change; if it cannot be read nothing else happens;
+- the intent marker is stored before CreateAccessKey, the pending key (with its secret) right
+  after, and a key whose secret could not be stored is deleted at once;
+- only a key that verified is published; the published key is never deactivated or deleted.
+
+This is one of the two places that catch broadly (per target); the other is the daemon's job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+import structlog
+
+from rotator import errors, identity, model, ports, rotation
+
+log = structlog.get_logger("rotator.engine")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the engine needs to know of a configured target."""
+
+    name: str
+    user: str
+    secret_path: str
+    policy: rotation.Policy
+    desired: identity.Desired | None = None  # None: identities are managed elsewhere
+    identity_check_interval: timedelta = timedelta(hours=1)
+    window_open: Callable[[datetime], bool] | None = None
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What `rotator status` shows for one target."""
+
+    target: str
+    user: str
+    secret_path: str
+    published_key_id: str | None
+    current_key_id: str | None
+    current_created: datetime | None
+    next_due: datetime | None
+    due_reason: str | None
+    pending_key_id: str | None
+    retiring: tuple[tuple[str, str, datetime | None], ...]  # key id, phase, when it moves on
+    foreign: tuple[str, ...]
+    keys: tuple[model.AccessKey, ...]
+    blocked: str | None
+    last_error: str | None
+    last_rotation_at: datetime | None
+    failures: int
+
+
+class Stopped(Exception):
+    """A stop was requested: the pass ends between two steps, its state already written."""
+
+
+@dataclass
+class _Pass:
+    """The mutable bookkeeping of one pass (never shared between threads)."""
+
+    spec: TargetSpec
+    stored: model.StoredState
+    published: model.Published
+    keys: dict[str, model.AccessKey] = field(default_factory=dict)
+    state: model.TargetState = field(default_factory=model.TargetState)
+    actions: list[str] = field(default_factory=list)
+    components: list[str] = field(default_factory=list)
+    rotated: bool = False
+    rotation_failed: bool = False
+    blocked: str | None = None
+    decision: rotation.Decision | None = None
+
+
+class Engine:
+    """Runs passes; holds the ports and the clock, and which targets had their identity checked."""
+
+    def __init__(
+        self,
+        identity_port: ports.Identity,
+        store: ports.SecretStore,
+        clock: ports.Clock,
+        *,
+        dry_run: bool = False,
+    ) -> None:
+        self._iam = identity_port
+        self._store = store
+        self._clock = clock
+        self._dry_run = dry_run
+        self._identity_checked: set[str] = set()  # targets checked since this process started
+
+    # --- the pass ------------------------------------------------------------------------
+
+    def run_pass(self, spec: TargetSpec, *, force: bool = False) -> model.PassReport:
+        """One pass over one target; never raises (errors are in the report)."""
+        started = time.perf_counter()
+        bound = log.bind(target=spec.name)
+        p: _Pass | None = None
+        error: str | None = None
+        components: list[str] = []
+        try:
+            p = self._observe(spec)
+            self._ensure_identity(p, force=force)
+            self._observe_keys(p)
+            self._apply(p, force=force)
+            self._record_outcome(p, error=None)
+        except Stopped:
+            error = "pass interrupted by shutdown; the next pass continues from the stored state"
+            bound.info("pass_stopped", reason="stop requested")
+        except errors.RotatorError as exc:
+            error = str(exc)
+            components.append(exc.component)
+            if p is not None and p.decision is not None and p.decision.due_reason is not None:
+                p.rotation_failed = True
+            bound.warning("pass_failed", error=error, component=exc.component)
+            self._record_failure(p, error)
+        except Exception as exc:  # one target's bug must not stop the others
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            components.append("internal")
+            bound.exception("pass_crashed", error=error)
+            self._record_failure(p, error)
+        report = self._report(spec, p, error, components, time.perf_counter() - started)
+        bound.info(
+            "pass_summary",
+            ok=report.ok,
+            rotated=report.rotated,
+            blocked=report.blocked,
+            published_key_id=report.published_key_id,
+            next_due=None if report.next_due is None else model.format_time(report.next_due),
+            keys_active=report.keys_active,
+            keys_inactive=report.keys_inactive,
+            foreign_keys=report.foreign_keys,
+            actions=list(report.actions),
+            error=report.error,
+            duration_ms=round(report.duration_seconds * 1000, 1),
+            dry_run=self._dry_run,
+        )
+        return report
+
+    def _observe(self, spec: TargetSpec) -> _Pass:
+        # Vault first: without it no IAM change may happen.
+        stored = self._store.read_state(spec.name)
+        published = self._store.read_published(spec.secret_path)
+        return _Pass(spec=spec, stored=stored, published=published, state=stored.state)
+
+    def _observe_keys(self, p: _Pass) -> None:
+        try:
+            keys = self._iam.list_keys(p.spec.user)
+        except errors.EimNoSuchEntity:
+            if p.spec.desired is None:
+                raise errors.EimNoSuchEntity(
+                    f"user {p.spec.user} does not exist: create it, or give target "
+                    f"{p.spec.name} a group so rotator manages the user",
+                    code="NoSuchEntity",
+                    action="ListAccessKeys",
+                ) from None
+            if self._dry_run:
+                keys = []  # the user would be created first
+            else:
+                self._ensure_identity(p, force=True)  # IAM says something is missing
+                keys = self._iam.list_keys(p.spec.user)
+        p.keys = {k.key_id: k for k in keys}
+
+    # --- identity ------------------------------------------------------------------------
+
+    def _ensure_identity(self, p: _Pass, *, force: bool) -> None:
+        desired = p.spec.desired
+        if desired is None:
+            return
+        now = self._clock.now()
+        digest = desired.digest()
+        checked = p.state.identity_checked_at
+        if not (
+            force
+            or p.spec.name not in self._identity_checked
+            or p.state.identity_digest != digest
+            or checked is None
+            or now - checked >= p.spec.identity_check_interval
+        ):
+            return
+        group = self._iam.get_group(desired.group) if desired.group else None
+        policy = self._iam.get_policy(desired.policy.name) if desired.policy else None
+        user = self._iam.get_user(desired.user)
+        changes = identity.plan(desired, group, policy, user)
+        for change in changes:
+            p.actions.append(change.describe())
+            if self._dry_run:
+                continue
+            self._check_stop()
+            policy = self._apply_identity_change(change, policy)
+            log.info("identity_changed", target=p.spec.name, change=change.kind.value,
+                     subject=change.subject, reason=change.reason)
+        if self._dry_run:
+            return
+        self._identity_checked.add(p.spec.name)
+        p.state = p.state.replace(identity_digest=digest, identity_checked_at=now)
+
+    def _apply_identity_change(
+        self, change: identity.Change, policy: model.Policy | None
+    ) -> model.Policy | None:
+        kind = identity.ChangeKind
+        try:
+            if change.kind is kind.CREATE_GROUP:
+                self._iam.create_group(change.subject)
+            elif change.kind is kind.CREATE_POLICY:
+                self._iam.create_policy(change.subject, change.description, change.document)
+                policy = self._iam.get_policy(change.subject)
+            elif change.kind is kind.DELETE_POLICY_VERSION:
+                assert policy is not None and change.version_id is not None
+                self._iam.delete_policy_version(policy.arn, change.version_id)
+            elif change.kind is kind.CREATE_POLICY_VERSION:
+                assert policy is not None
+                self._iam.create_policy_version(policy.arn, change.document)
+            elif change.kind is kind.ATTACH_POLICY:
+                if policy is None:
+                    policy = self._iam.get_policy(change.subject)
+                if policy is None:
+                    raise errors.EimNoSuchEntity(
+                        f"policy {change.subject} vanished while being attached", code="NoSuchEntity"
+                    )
+                assert change.group is not None
+                self._iam.attach_group_policy(change.group, policy.arn)
+            elif change.kind is kind.CREATE_USER:
+                self._iam.create_user(change.subject)
+            elif change.kind is kind.ADD_USER_TO_GROUP:
+                assert change.group is not None
+                self._iam.add_user_to_group(change.subject, change.group)
+        except errors.EimAlreadyExists:
+            # another target sharing the group or policy created it first
+            if change.kind is kind.CREATE_POLICY:
+                policy = self._iam.get_policy(change.subject)
+        return policy
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def _apply(self, p: _Pass, *, force: bool) -> None:
+        now = self._clock.now()
+        decision = rotation.decide(
+            list(p.keys.values()),
+            p.state,
+            p.published,
+            p.spec.policy,
+            now,
+            force=force,
+            window_open=p.spec.window_open,
+        )
+        p.decision = decision
+        if self._dry_run:
+            p.actions.extend(a.describe() for a in decision.actions)
+            if decision.blocked:
+                p.blocked = decision.blocked
+            return
+        for action in decision.actions:
+            self._apply_action(p, action)
+
+    def _apply_action(self, p: _Pass, action: rotation.Action) -> None:
+        kind = rotation.ActionKind
+        now = self._clock.now()
+        spec = p.spec
+        if action.kind in rotation.MUTATING:
+            self._check_stop()
+        if action.kind is not kind.BLOCKED:
+            p.actions.append(action.describe())
+        key_id = action.key_id
+        if action.kind is kind.DROP_PENDING:
+            p.state = p.state.replace(pending=None)
+        elif action.kind is kind.PROMOTE_PENDING:
+            assert p.state.pending is not None
+            p.state = rotation.promote(p.state, p.state.pending, spec.policy, now)
+            p.rotated = True
+            self._flush(p)
+        elif action.kind is kind.RESOLVE_PENDING:
+            self._resolve_pending(p)
+        elif action.kind in rotation.DELETING:
+            assert key_id is not None
+            self._delete_key(p, key_id, action.reason)
+            if action.kind is kind.DELETE_RETIRED:
+                p.state = rotation.forget_retiring(p.state, key_id)
+        elif action.kind is kind.CLEAR_INTENT:
+            p.state = p.state.replace(intent=None)
+        elif action.kind is kind.FORGET_RETIRED:
+            assert key_id is not None
+            p.state = rotation.forget_retiring(p.state, key_id)
+        elif action.kind is kind.DEACTIVATE:
+            assert key_id is not None
+            self._guard(p, key_id)
+            self._iam.set_key_status(spec.user, key_id, model.KeyStatus.INACTIVE)
+            p.keys[key_id] = model.AccessKey(key_id, model.KeyStatus.INACTIVE, p.keys[key_id].created)
+            p.state = rotation.deactivated(p.state, key_id, spec.policy, now)
+            log.info("key_deactivated", target=spec.name, key_id=key_id, reason=action.reason)
+        elif action.kind is kind.SCHEDULE_DELETE:
+            assert key_id is not None
+            p.state = rotation.deactivated(p.state, key_id, spec.policy, now)
+        elif action.kind is kind.BLOCKED:
+            p.blocked = action.reason
+            log.warning("rotation_blocked", target=spec.name, reason=action.reason)
+        elif action.kind is kind.CREATE_KEY:
+            self._create_key(p, action.reason)
+
+    def _guard(self, p: _Pass, key_id: str) -> None:
+        """Last line of defence: the published key is never deactivated or deleted."""
+        if key_id == p.published.access_key_id:
+            raise errors.RotatorError(
+                f"refusing to deactivate or delete {key_id}: it is the published key"
+            )
+
+    def _delete_key(self, p: _Pass, key_id: str, reason: str) -> None:
+        self._guard(p, key_id)
+        try:
+            self._iam.delete_key(p.spec.user, key_id)
+        except errors.EimNoSuchEntity:
+            pass  # already gone: the goal is reached
+        p.keys.pop(key_id, None)
+        log.info("key_deleted", target=p.spec.name, key_id=key_id, reason=reason)
+
+    def _create_key(self, p: _Pass, reason: str) -> None:
+        spec = p.spec
+        now = self._clock.now()
+        # The intent must be durable before the key exists, or a crash would leak the key.
+        p.state = p.state.replace(intent=model.Intent(now, tuple(p.keys)))
+        self._flush(p)
+        self._check_stop()
+        try:
+            new = self._iam.create_key(spec.user)
+        except errors.EimQuotaExceeded as exc:
+            p.state = p.state.replace(intent=None)  # nothing was created
+            p.blocked = f"IAM refused a new key for {spec.user} (quota reached): {exc}"
+            log.warning("rotation_blocked", target=spec.name, reason=p.blocked)
+            return
+        log.info("key_created", target=spec.name, key_id=new.key_id, reason=reason)
+        p.keys[new.key_id] = model.AccessKey(new.key_id, model.KeyStatus.ACTIVE, new.created)
+        p.state = p.state.replace(
+            intent=None,
+            pending=model.PendingKey(key_id=new.key_id, secret=new.secret, created=new.created),
+        ).remember_created(new.key_id)
+        try:
+            self._flush(p)
+        except errors.RotatorError:
+            # The secret exists only in memory: a key nobody can ever use. Remove it now; if
+            # that fails too, the intent still in Vault makes the next pass remove it.
+            try:
+                self._iam.delete_key(spec.user, new.key_id)
+                log.warning("key_deleted", target=spec.name, key_id=new.key_id,
+                            reason="its secret could not be stored in Vault")
+            except errors.RotatorError:
+                log.warning("key_orphaned", target=spec.name, key_id=new.key_id,
+                            reason="the next pass deletes it")
+            raise
+        self._resolve_pending(p)
+
+    def _resolve_pending(self, p: _Pass) -> None:
+        """Verify the pending key until it authenticates, or give it up; publish when it does."""
+        spec = p.spec
+        while True:
+            pending = p.state.pending
+            assert pending is not None
+            now = self._clock.now()
+            wait = (rotation.next_verify_at(pending) - now).total_seconds()
+            if wait > 0 and self._clock.wait(wait):
+                raise Stopped
+            self._check_stop()
+            result = self._iam.verify_key(pending.key_id, pending.secret)
+            now = self._clock.now()
+            pending = model.PendingKey(
+                key_id=pending.key_id,
+                secret=pending.secret,
+                created=pending.created,
+                attempts=pending.attempts + 1,
+                last_attempt_at=now,
+            )
+            judgement = rotation.judge_verification(pending, result, spec.policy, now)
+            log.info("key_verification", target=spec.name, key_id=pending.key_id,
+                     attempt=pending.attempts, outcome=result.outcome.value,
+                     detail=result.detail, verdict=judgement.verdict.value)
+            if judgement.verdict is rotation.Verdict.PUBLISH:
+                p.state = p.state.replace(pending=pending)
+                self._publish(p, pending)
+                return
+            if judgement.verdict is rotation.Verdict.GIVE_UP:
+                p.components.append("verify")
+                p.rotation_failed = True
+                self._delete_key(p, pending.key_id, judgement.reason)
+                failures = p.state.failures + 1
+                p.state = p.state.replace(
+                    pending=None,
+                    failures=failures,
+                    retry_after=now + rotation.failure_backoff(failures, spec.policy),
+                    last_error=judgement.reason,
+                    last_error_at=now,
+                )
+                self._flush(p)
+                return
+            p.state = p.state.replace(pending=pending)
+            self._flush(p)
+
+    def _publish(self, p: _Pass, pending: model.PendingKey) -> None:
+        spec = p.spec
+        key = model.NewKey(pending.key_id, pending.secret, pending.created)
+        self._check_stop()
+        try:
+            p.published = self._store.write_published(spec.secret_path, key, p.published)
+        except errors.VaultConflict:
+            # someone edited the secret since we read it: keep their fields, write again once
+            p.published = self._store.read_published(spec.secret_path)
+            p.published = self._store.write_published(spec.secret_path, key, p.published)
+        now = self._clock.now()
+        old = p.state.current
+        p.state = rotation.promote(p.state, pending, spec.policy, now)
+        p.rotated = True
+        log.info("key_published", target=spec.name, key_id=pending.key_id,
+                 secret_path=spec.secret_path, previous_key_id=old.key_id if old else None)
+        self._flush(p)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _flush(self, p: _Pass) -> None:
+        """Write the state if it changed (check-and-set on the version read)."""
+        if self._dry_run or p.state == p.stored.state:
+            return
+        version = self._store.write_state(p.spec.name, p.state, p.stored.version)
+        p.stored = model.StoredState(p.state, version)
+
+    def _record_outcome(self, p: _Pass, *, error: str | None) -> None:
+        if self._dry_run:
+            return
+        now = self._clock.now()
+        p.state = p.state.replace(next_due_at=rotation.next_due(p.state, p.spec.policy))
+        if p.state.last_error is not None and not p.rotation_failed and p.blocked is None:
+            p.state = p.state.replace(last_error=None)
+        if p.blocked is not None:
+            p.state = p.state.replace(last_error=p.blocked, last_error_at=now)
+        changed = p.state != p.stored.state
+        stale = (
+            p.state.last_success_at is None
+            or now - p.state.last_success_at >= p.spec.identity_check_interval
+        )
+        if changed or stale:
+            p.state = p.state.replace(last_success_at=now)
+        self._flush(p)
+
+    def _record_failure(self, p: _Pass | None, error: str) -> None:
+        """Best effort: keep the error in state for `status`; Vault may be what failed."""
+        if p is None or self._dry_run:
+            return
+        p.state = p.state.replace(last_error=error, last_error_at=self._clock.now())
+        try:
+            self._flush(p)
+        except errors.RotatorError as exc:
+            log.debug("state_not_written", target=p.spec.name, error=str(exc))
+
+    def _check_stop(self) -> None:
+        if self._clock.wait(0):
+            raise Stopped
+
+    def _report(
+        self,
+        spec: TargetSpec,
+        p: _Pass | None,
+        error: str | None,
+        components: list[str],
+        duration: float,
+    ) -> model.PassReport:
+        if p is None:
+            return model.PassReport(
+                target=spec.name,
+                ok=False,
+                duration_seconds=duration,
+                error=error,
+                error_components=tuple(components),
+                dry_run=self._dry_run,
+            )
+        state = p.state
+        current = state.current
+        published_created = (
+            current.created
+            if current is not None and current.key_id == p.published.access_key_id
+            else p.published.created_at
+        )
+        foreign = () if p.decision is None else p.decision.foreign
+        blocked = p.blocked is not None
+        return model.PassReport(
+            target=spec.name,
+            ok=error is None and not blocked and not p.rotation_failed,
+            duration_seconds=duration,
+            rotated=p.rotated,
+            rotation_failed=p.rotation_failed,
+            blocked=blocked,
+            blocked_reason=p.blocked,
+            published_key_id=p.published.access_key_id,
+            key_created=published_created,
+            last_rotation_at=state.last_rotation_at,
+            next_due=rotation.next_due(state, spec.policy),
+            keys_active=sum(k.status is model.KeyStatus.ACTIVE for k in p.keys.values()),
+            keys_inactive=sum(k.status is model.KeyStatus.INACTIVE for k in p.keys.values()),
+            foreign_keys=len([k for k in foreign if k in p.keys]),
+            pending_key_id=state.pending.key_id if state.pending else None,
+            error=error if error is not None else (state.last_error if p.rotation_failed else None),
+            error_components=tuple(p.components + components),
+            actions=tuple(p.actions),
+            dry_run=self._dry_run,
+        )
+
+    # --- operator commands ---------------------------------------------------------------
+
+    def status(self, spec: TargetSpec) -> StatusView:
+        """Observe a target without changing anything."""
+        stored = self._store.read_state(spec.name)
+        published = self._store.read_published(spec.secret_path)
+        try:
+            keys = self._iam.list_keys(spec.user)
+        except errors.EimNoSuchEntity:
+            keys = []
+        state = stored.state
+        now = self._clock.now()
+        decision = rotation.decide(
+            keys, state, published, spec.policy, now, window_open=spec.window_open
+        )
+        by_id = {k.key_id: k for k in keys}
+        retiring: list[tuple[str, str, datetime | None]] = []
+        for r in state.retiring:
+            key = by_id.get(r.key_id)
+            if key is None:
+                retiring.append((r.key_id, "gone", None))
+            elif key.status is model.KeyStatus.ACTIVE:
+                retiring.append((r.key_id, "grace (Active)", r.retire_at))
+            else:
+                retiring.append((r.key_id, "Inactive", r.delete_at))
+        return StatusView(
+            target=spec.name,
+            user=spec.user,
+            secret_path=spec.secret_path,
+            published_key_id=published.access_key_id,
+            current_key_id=state.current.key_id if state.current else None,
+            current_created=state.current.created if state.current else None,
+            next_due=decision.next_due,
+            due_reason=decision.due_reason,
+            pending_key_id=state.pending.key_id if state.pending else None,
+            retiring=tuple(retiring),
+            foreign=decision.foreign,
+            keys=tuple(keys),
+            blocked=decision.blocked,
+            last_error=state.last_error,
+            last_rotation_at=state.last_rotation_at,
+            failures=state.failures,
+        )
+
+    def adopt(self, spec: TargetSpec, key_id: str) -> str:
+        """Hand a foreign key to the rotator, which retires it like its own. Returns a summary."""
+        stored = self._store.read_state(spec.name)
+        keys = {k.key_id: k for k in self._iam.list_keys(spec.user)}
+        state = stored.state
+        key = keys.get(key_id)
+        if key is None:
+            raise errors.EimNoSuchEntity(
+                f"user {spec.user} has no access key {key_id}: see `rotator status` for its keys",
+                code="NoSuchEntity",
+            )
+        if key_id in state.created_ids or key_id in state.tracked_ids():
+            return f"{key_id} is already managed by rotator for target {spec.name}"
+        new_state = rotation.adopt(state, key, spec.policy, self._clock.now())
+        if not self._dry_run:
+            self._store.write_state(spec.name, new_state, stored.version)
+        log.info("key_adopted", target=spec.name, key_id=key_id, dry_run=self._dry_run)
+        return f"{key_id} adopted: it retires through grace, Inactive and deletion"
+

@@ -1,0 +1,269 @@
+"""The engine over in-memory fakes with an explicit clock: whole rotations, crashes, faults."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from rotator import engine, errors, identity, model, rotation
+from tests.unit.fakes import Crash, FakeClock, FakeIAM, FakeVault
+
+PATH = "monitoring/watcher_1"
+DOC = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "ec2:Describe*",
+                                               "Resource": "*"}]}
+POLICY = rotation.Policy(
+    max_age=timedelta(minutes=10),
+    grace=timedelta(minutes=2),
+    inactive_period=timedelta(minutes=2),
+    check_interval=timedelta(seconds=30),
+    verify_timeout=timedelta(minutes=2),
+)
+SPEC = engine.TargetSpec(
+    name="monitoring",
+    user="watcher_1",
+    secret_path=PATH,
+    policy=POLICY,
+    desired=identity.Desired(
+        user="watcher_1",
+        group="monitoring",
+        policy=identity.WantedPolicy("monitoring", DOC, "Allow describe for every item"),
+    ),
+)
+
+
+class World:
+    def __init__(self, spec: engine.TargetSpec = SPEC) -> None:
+        self.spec = spec
+        self.clock = FakeClock()
+        self.iam = FakeIAM(self.clock, max_keys=spec.policy.max_keys)
+        self.vault = FakeVault(self.iam)
+        self.iam.published_id = lambda: self.vault.published_id(spec.secret_path)
+        self.vault.crash = self.iam.crash
+        self.engine = engine.Engine(self.iam, self.vault, self.clock)
+
+    def run(self, *, force: bool = False) -> model.PassReport:
+        return self.engine.run_pass(self.spec, force=force)
+
+    def restart(self) -> None:
+        """A new process: nothing in memory survives."""
+        self.engine = engine.Engine(self.iam, self.vault, self.clock)
+
+    def state(self) -> model.TargetState:
+        return self.vault.read_state(self.spec.name).state
+
+    def published_works(self) -> bool:
+        pub = self.vault.published_secret(self.spec.secret_path)
+        return pub is not None and self.iam.authenticates(*pub)
+
+
+def test_first_pass_creates_the_identity_and_publishes_a_verified_key() -> None:
+    w = World()
+    report = w.run()
+    assert report.ok and report.rotated
+    assert w.iam.groups == {"monitoring": {"watcher_1"}}
+    assert w.iam.group_policies == {"monitoring": {"monitoring"}}
+    assert w.published_works()
+    assert report.published_key_id == w.vault.published_id(PATH)
+    assert report.keys_active == 1 and report.foreign_keys == 0
+
+
+def test_idle_pass_makes_one_iam_call_and_writes_nothing() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(seconds=30)
+    w.iam.calls.clear()
+    writes = w.vault.writes
+    report = w.run()
+    assert report.ok and not report.rotated
+    assert w.iam.calls == ["ListAccessKeys"]
+    assert w.vault.writes == writes
+
+
+def test_full_cycle_old_key_stays_active_for_grace_then_inactive_then_deleted() -> None:
+    w = World()
+    w.run()
+    first = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    assert w.run().rotated
+    second = w.vault.published_id(PATH)
+    assert second != first
+    statuses = {k.key_id: k.status for k in w.iam.keys_of("watcher_1")}
+    assert statuses == {first: model.KeyStatus.ACTIVE, second: model.KeyStatus.ACTIVE}
+    w.clock.advance(minutes=2)
+    w.run()
+    statuses = {k.key_id: k.status for k in w.iam.keys_of("watcher_1")}
+    assert statuses == {first: model.KeyStatus.INACTIVE, second: model.KeyStatus.ACTIVE}
+    w.clock.advance(minutes=2)
+    w.run()
+    assert [k.key_id for k in w.iam.keys_of("watcher_1")] == [second]
+    assert w.published_works()
+
+
+def test_key_still_propagating_is_published_once_it_authenticates() -> None:
+    w = World()
+    w.iam.propagation = timedelta(seconds=15)
+    report = w.run()
+    assert report.rotated and w.published_works()
+    attempts = list(w.iam.verify_attempts.values())
+    assert attempts == [3]  # at 0 s, 10 s and 30 s: never four failures in a row
+
+
+def test_key_that_never_verifies_is_deleted_counted_and_retried_later() -> None:
+    w = World()
+    w.iam.break_next_keys = 1
+    report = w.run()
+    assert report.rotation_failed and not report.ok
+    assert "verify" in report.error_components
+    assert w.iam.keys_of("watcher_1") == []
+    assert w.vault.published_id(PATH) is None
+    assert w.state().retry_after is not None
+    w.clock.t = w.state().retry_after  # type: ignore[assignment]
+    assert w.run().rotated and w.published_works()
+
+
+def test_vault_down_means_no_iam_change() -> None:
+    w = World()
+    w.vault.down = True
+    report = w.run()
+    assert not report.ok and report.error_components == ("vault",)
+    assert w.iam.calls == []
+
+
+def test_foreign_key_is_counted_and_left_alone_and_blocks_when_slots_run_out() -> None:
+    w = World()
+    w.iam.users["watcher_1"] = []
+    hand = w.iam.add_foreign_key("watcher_1")
+    report = w.run()
+    assert report.rotated and report.foreign_keys == 1
+    w.clock.advance(minutes=10)
+    blocked = w.run()
+    assert blocked.blocked and not blocked.ok
+    assert blocked.blocked_reason is not None and hand in blocked.blocked_reason
+    assert hand in [k.key_id for k in w.iam.keys_of("watcher_1")]
+
+
+def test_adopted_foreign_key_is_retired_and_the_slot_freed() -> None:
+    w = World()
+    w.iam.users["watcher_1"] = []
+    hand = w.iam.add_foreign_key("watcher_1")
+    w.run()
+    assert "adopted" in w.engine.adopt(SPEC, hand)
+    w.iam._find("watcher_1", hand).foreign = False  # the operator handed it over
+    w.clock.advance(minutes=2)
+    w.run()
+    w.clock.advance(minutes=2)
+    w.run()
+    assert hand not in [k.key_id for k in w.iam.keys_of("watcher_1")]
+
+
+def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
+    w = World()
+    w.run()
+    for n in range(4):
+        w.iam.create_policy_version("arn:fake:policy/monitoring", {"Statement": [{"n": n}]})
+    assert len(w.iam.policies["monitoring"]) == 5
+    w.restart()  # identity is checked at start
+    w.run()
+    versions = w.iam.policies["monitoring"]
+    assert len(versions) == 5
+    default = w.iam.default_version["monitoring"]
+    assert next(d for v, d, _ in versions if v == default) == DOC
+    assert "v1" not in [v for v, _, _ in versions]  # the oldest non-default went
+
+
+def test_identity_is_not_rechecked_on_every_pass() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(seconds=30)
+    w.iam.calls.clear()
+    w.run()
+    assert "GetGroup" not in w.iam.calls
+    w.clock.advance(hours=1)
+    w.run()
+    assert "GetGroup" in w.iam.calls
+
+
+def test_dry_run_plans_but_changes_nothing() -> None:
+    w = World()
+    dry = engine.Engine(w.iam, w.vault, w.clock, dry_run=True)
+    report = dry.run_pass(SPEC)
+    assert report.dry_run
+    assert any(a.startswith("create_group") for a in report.actions)
+    assert any(a.startswith("create_key") for a in report.actions)
+    assert w.iam.groups == {} and w.vault.states == {} and w.vault.published == {}
+
+
+def test_secret_write_failure_after_create_deletes_the_key_at_once() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    real_write = w.vault.write_state
+    calls = {"n": 0}
+
+    def flaky(target: str, state: model.TargetState, version: int) -> int:
+        calls["n"] += 1
+        if state.pending is not None:
+            raise errors.VaultUnavailable("vault went away")
+        return real_write(target, state, version)
+
+    w.vault.write_state = flaky  # type: ignore[method-assign]
+    report = w.run()
+    assert not report.ok and "vault" in report.error_components
+    assert len(w.iam.keys_of("watcher_1")) == 1  # only the published key remains
+    assert w.published_works()
+
+
+def test_response_lost_after_create_leaves_no_leaked_key_after_the_next_pass() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    w.iam.crash.at = w.iam.crash.calls + 1  # the intent write, then CreateAccessKey
+    w.iam.crash.after_apply = True
+    with pytest.raises(Crash):
+        w.run()
+    assert len(w.iam.keys_of("watcher_1")) == 2
+    w.restart()
+    w.clock.advance(seconds=30)
+    report = w.run()
+    assert report.rotated
+    ours = {k.key_id for k in w.iam.keys_of("watcher_1")}
+    assert ours == w.state().tracked_ids()
+    assert len(ours) == 2 and w.published_works()
+
+
+def test_stop_requested_during_verification_keeps_the_pending_key_for_the_next_pass() -> None:
+    w = World()
+    w.iam.propagation = timedelta(seconds=15)
+    real_verify = w.iam.verify_key
+
+    def verify_then_stop(key_id: str, secret: model.Secret) -> model.VerifyResult:
+        result = real_verify(key_id, secret)
+        w.clock.stop_requested = True
+        return result
+
+    w.iam.verify_key = verify_then_stop  # type: ignore[method-assign]
+    report = w.run()
+    assert not report.rotated
+    assert w.state().pending is not None
+    w.clock.stop_requested = False
+    w.iam.verify_key = real_verify  # type: ignore[method-assign]
+    w.restart()
+    assert w.run().rotated and w.published_works()
+
+
+def test_unknown_state_schema_stops_the_target_with_a_clear_error() -> None:
+    w = World()
+    w.run()
+    w.vault.states["monitoring"].data["schema"] = 99
+    report = w.run()
+    assert not report.ok
+    assert report.error is not None and "schema 99" in report.error
+    assert report.error_components == ("vault",)
+
+
+def test_user_missing_without_managed_identity_names_the_fix() -> None:
+    w = World(engine.TargetSpec(name="t", user="ghost", secret_path="t/ghost", policy=POLICY))
+    report = w.run()
+    assert not report.ok
+    assert report.error is not None and "ghost does not exist" in report.error
