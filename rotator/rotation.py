@@ -23,8 +23,8 @@ RESOLVE_PENDING        pending key in IAM, not published                   verif
                                                                            publish + promote;
                                                                            NOT_YET: retry at
                                                                            backoff or delete
-DELETE_ORPHAN          key created after an intent marker, not tracked     IAM: delete
-                       (its secret was lost in a crash)
+DELETE_ORPHAN          the one key created within INTENT_WINDOW after an   IAM: delete
+                       intent marker, not tracked (secret lost in a crash)
 DELETE_ORPHAN          key this rotator created that is no longer          IAM: delete
                        current, pending nor retiring
 CLEAR_INTENT           an intent marker with no pending key                state: intent=None
@@ -63,6 +63,9 @@ from rotator import model
 VERIFY_FIRST_DELAY = timedelta(seconds=10)
 VERIFY_MAX_DELAY = timedelta(seconds=60)
 MAX_VERIFY_ATTEMPTS = 8
+# A key created for an intent appears within the CreateAccessKey call (timeouts and retries
+# included), so only keys created this soon after the marker can be its orphan.
+INTENT_WINDOW = timedelta(minutes=5)
 FAILURE_BACKOFF_MAX = timedelta(hours=1)
 
 
@@ -185,19 +188,23 @@ def decide(
     orphans_of_intent: set[str] = set()
     if state.intent is not None and not pending_live:
         started = model.whole_seconds(state.intent.started_at)
-        for key in keys:
-            if (
-                key.key_id not in tracked
-                and key.key_id not in created
-                and key.key_id not in state.intent.existing_ids
-                and model.whole_seconds(key.created) >= started
-            ):
-                orphans_of_intent.add(key.key_id)
-                delete(
-                    ActionKind.DELETE_ORPHAN,
-                    key.key_id,
-                    "created by an interrupted rotation; its secret was never stored",
-                )
+        candidates = [
+            key.key_id
+            for key in keys
+            if key.key_id not in tracked
+            and key.key_id not in created
+            and key.key_id not in state.intent.existing_ids
+            and started <= model.whole_seconds(key.created) <= started + INTENT_WINDOW
+        ]
+        # One intent creates at most one key: with two candidates one is someone else's and
+        # they cannot be told apart, so none is deleted (both stay, counted as foreign).
+        if len(candidates) == 1:
+            orphans_of_intent.add(candidates[0])
+            delete(
+                ActionKind.DELETE_ORPHAN,
+                candidates[0],
+                "created by an interrupted rotation; its secret was never stored",
+            )
         actions.append(Action(ActionKind.CLEAR_INTENT, "no rotation in flight"))
     for key in keys:
         if key.key_id in created and key.key_id not in tracked:

@@ -54,6 +54,7 @@ class FakeKey:
     created: datetime
     foreign: bool = False
     broken: bool = False  # never authenticates
+    ready_at: datetime | None = None  # authenticates from then on (propagation)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class FakeIAM:
                         k.secret == secret
                         and k.status is model.KeyStatus.ACTIVE
                         and not k.broken
-                        and self.clock.now() >= k.created + self.propagation
+                        and self.clock.now() >= (k.ready_at or k.created)
                     )
         return False
 
@@ -214,12 +215,15 @@ class FakeIAM:
         apply_then_crash = self._call("CreateAccessKey", True)
         keys = self.users[user]
         if len(keys) >= self.max_keys:
-            raise InvariantBroken(f"CreateAccessKey with {len(keys)} keys (max_keys {self.max_keys})")
+            raise InvariantBroken(
+                f"CreateAccessKey with {len(keys)} keys (max_keys {self.max_keys})"
+            )
         if len(keys) >= self.quota:
             raise errors.EimQuotaExceeded("AccessKeysPerUser", code="LimitExceeded")
         key = FakeKey(
             self._new_id(), pysecrets.token_hex(20), model.KeyStatus.ACTIVE, self.clock.now()
         )
+        key.ready_at = key.created + self.propagation
         if self.break_next_keys:
             self.break_next_keys -= 1
             key.broken = True

@@ -10,8 +10,10 @@ from rotator import engine, errors, identity, model, rotation
 from tests.unit.fakes import Crash, FakeClock, FakeIAM, FakeVault
 
 PATH = "monitoring/watcher_1"
-DOC = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "ec2:Describe*",
-                                               "Resource": "*"}]}
+DOC = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "ec2:Describe*", "Resource": "*"}],
+}
 POLICY = rotation.Policy(
     max_age=timedelta(minutes=10),
     grace=timedelta(minutes=2),

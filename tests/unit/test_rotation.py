@@ -77,8 +77,11 @@ def test_no_free_slot_is_blocked_and_names_the_foreign_key() -> None:
 def test_deleting_an_expired_retiring_key_frees_the_slot_in_the_same_pass() -> None:
     state = model.TargetState(
         current=current("K2", timedelta(days=30)),
-        retiring=(model.RetiringKey("K1", T0 - timedelta(days=5), T0 - timedelta(days=4),
-                                    T0 - timedelta(hours=1)),),
+        retiring=(
+            model.RetiringKey(
+                "K1", T0 - timedelta(days=5), T0 - timedelta(days=4), T0 - timedelta(hours=1)
+            ),
+        ),
         created_ids=("K1", "K2"),
     )
     keys = [key("K1", I, timedelta(days=35)), key("K2", age=timedelta(days=30))]
@@ -201,15 +204,19 @@ def test_verification_schedule_is_at_most_three_attempts_a_minute() -> None:
 
 def test_judgement_gives_up_when_the_next_attempt_would_pass_verify_timeout() -> None:
     policy = rotation.Policy(
-        max_age=timedelta(days=1), grace=timedelta(hours=1), inactive_period=timedelta(hours=1),
-        check_interval=timedelta(minutes=1), verify_timeout=timedelta(seconds=30),
+        max_age=timedelta(days=1),
+        grace=timedelta(hours=1),
+        inactive_period=timedelta(hours=1),
+        check_interval=timedelta(minutes=1),
+        verify_timeout=timedelta(seconds=30),
     )
     not_yet = model.VerifyResult(model.VerifyOutcome.NOT_YET, "InvalidClientTokenId")
     p1 = model.PendingKey("K", model.Secret("x" * 40), T0, attempts=1, last_attempt_at=T0)
     j1 = rotation.judge_verification(p1, not_yet, policy, T0)
     assert j1.verdict is rotation.Verdict.RETRY and j1.retry_at == T0 + timedelta(seconds=10)
-    p3 = model.PendingKey("K", model.Secret("x" * 40), T0, attempts=3,
-                          last_attempt_at=T0 + timedelta(seconds=30))
+    p3 = model.PendingKey(
+        "K", model.Secret("x" * 40), T0, attempts=3, last_attempt_at=T0 + timedelta(seconds=30)
+    )
     j3 = rotation.judge_verification(p3, not_yet, policy, T0 + timedelta(seconds=30))
     assert j3.verdict is rotation.Verdict.GIVE_UP
     assert "InvalidClientTokenId" in j3.reason
@@ -220,7 +227,25 @@ def test_judgement_gives_up_when_the_next_attempt_would_pass_verify_timeout() ->
 def test_adopting_a_foreign_key_makes_it_retire_like_our_own() -> None:
     state = model.TargetState(current=current("K1"), created_ids=("K1",))
     adopted = rotation.adopt(state, key("HAND"), POLICY, T0)
-    d = rotation.decide([key("K1"), key("HAND")], adopted, published("K1"), POLICY,
-                        T0 + POLICY.grace)
+    d = rotation.decide(
+        [key("K1"), key("HAND")], adopted, published("K1"), POLICY, T0 + POLICY.grace
+    )
     assert d.foreign == ()
     assert [(a.kind, a.key_id) for a in d.actions] == [(ActionKind.DEACTIVATE, "HAND")]
+
+
+def test_two_keys_after_an_intent_are_both_left_alone_as_they_cannot_be_told_apart() -> None:
+    intent = model.Intent(T0, ("K1",))
+    state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
+    keys = [key("K1"), model.AccessKey("X1", A, T0), model.AccessKey("X2", A, T0)]
+    d = rotation.decide(keys, state, published("K1"), POLICY, T0)
+    assert kinds(d) == [ActionKind.CLEAR_INTENT]
+    assert set(d.foreign) == {"X1", "X2"}
+
+
+def test_key_created_long_after_the_intent_is_not_its_orphan() -> None:
+    intent = model.Intent(T0, ("K1",))
+    state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
+    late = model.AccessKey("HAND", A, T0 + rotation.INTENT_WINDOW + timedelta(seconds=1))
+    d = rotation.decide([key("K1"), late], state, published("K1"), POLICY, T0 + timedelta(1))
+    assert kinds(d) == [ActionKind.CLEAR_INTENT]
