@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import socket
 from collections.abc import Iterator
@@ -461,8 +462,9 @@ def test_head_answers_without_a_body(server: metrics.MetricsServer) -> None:
 
 
 def test_a_port_in_use_raises_oserror(m: metrics.Metrics, server: metrics.MetricsServer) -> None:
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="in use") as info:
         m.serve("127.0.0.1", server.port, healthy=lambda: True, ready=lambda: True)
+    assert info.value.errno == errno.EADDRINUSE
 
 
 def test_close_frees_the_port(m: metrics.Metrics) -> None:
