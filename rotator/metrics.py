@@ -237,10 +237,8 @@ class Metrics:
         self.errors.labels(target=target, component=component).inc()
 
     def record_reload(self, ok: bool) -> None:
-        """Count one configuration reload; a failure also counts a global ``config`` error."""
+        """Count one configuration reload (the caller counts a failure's ``config`` error)."""
         self.config_reloads.labels(result="success" if ok else "failure").inc()
-        if not ok:
-            self.record_error(GLOBAL_TARGET, "config")
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
