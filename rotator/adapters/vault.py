@@ -1,0 +1,652 @@
+"""Vault (KV v2) implementation of :class:`ports.SecretStore` and :class:`ports.Lock`, over hvac.
+
+The only module that imports hvac. Every hvac and requests exception is translated, in
+:func:`_translate` and :meth:`VaultStore._forbidden`, into :mod:`rotator.errors`; nothing from
+hvac crosses out of here, and no hvac ``Any`` leaks out of the small typed readers below.
+
+Layout in the KV v2 mount (DESIGN.md section 1):
+
+- published secret: ``<mount>/<secret_path>``, fields ``access_key_id``, ``secret_access_key``,
+  ``created_at``; other fields are someone else's and are kept;
+- rotator state: ``<mount>/<state_path>/targets/<target>``;
+- locks: ``<mount>/<state_path>/locks/<target>`` holding ``holder`` and ``expires_at``.
+
+Every write is check-and-set on the version read. This module must never put a token or a
+secret in an exception message, and never return the published secret's value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import hvac
+import hvac.exceptions
+import requests
+
+from rotator import errors, model
+
+# --- how rotator authenticates -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """A token given as is (``VAULT_TOKEN`` or ``vault.auth.token_file``); cannot re-login."""
+
+    token: model.Secret
+
+
+@dataclass(frozen=True)
+class AppRoleAuth:
+    role_id: str
+    secret_id: model.Secret
+    mount: str = "approle"
+
+
+@dataclass(frozen=True)
+class KubernetesAuth:
+    role: str
+    jwt: model.Secret  # the pod's service account token
+    mount: str = "kubernetes"
+
+
+Auth = TokenAuth | AppRoleAuth | KubernetesAuth
+
+
+# --- what a call does, for error messages --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One Vault call: the ACL capability it needs on which API path, and what it is for."""
+
+    capability: str  # read / create / update
+    path: str  # API path after /v1/, as written in a policy: secret/data/rotator/targets/x
+    purpose: str  # "read the published secret", "write the state of target x"...
+
+
+class _Forbidden(Exception):
+    """Internal: Vault answered 403; the caller decides between re-login and VaultDenied."""
+
+    def __init__(self, cause: hvac.exceptions.Forbidden) -> None:
+        super().__init__("forbidden")
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class _Lease:
+    holder: str
+    expires_at: datetime | None  # None: unreadable, treated as expired
+    released: bool
+
+    def live(self, now: datetime) -> bool:
+        return (
+            bool(self.holder)
+            and not self.released
+            and self.expires_at is not None
+            and now < self.expires_at
+        )
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any] | None) -> _Lease | None:
+        if data is None:
+            return None
+        expires: datetime | None
+        try:
+            expires = model.parse_time(str(data.get("expires_at", "")))
+        except ValueError:
+            expires = None
+        return cls(
+            holder=str(data.get("holder") or ""),
+            expires_at=expires,
+            released=bool(data.get("released_at")),
+        )
+
+
+# --- the adapter -----------------------------------------------------------------------------
+
+
+class VaultStore:
+    """Published secrets, rotator state and per-target leases in one KV v2 mount.
+
+    Thread-safe: the engine's workers share one instance. AppRole and Kubernetes log in lazily on
+    first use, and once more (then retry the call once) when Vault answers 403, since the token
+    may have expired or been revoked meanwhile.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        auth: Auth,
+        mount: str = "secret",
+        state_path: str = "rotator",
+        ca_file: str | None = None,
+        namespace: str | None = None,
+        timeout: float = 10.0,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self._address = _display_address(address)
+        self._auth = auth
+        self._mount = mount.strip("/")
+        self._state_path = state_path.strip("/")
+        self._now = now or _utc_now
+        self._session = requests.Session()
+        # hvac takes ``verify`` from a session it is given, so it is set here; True uses the
+        # system CA bundle (or REQUESTS_CA_BUNDLE), never silently skips verification.
+        self._session.verify = ca_file or True
+        options: dict[str, Any] = {
+            "url": address,
+            "verify": ca_file or True,
+            "timeout": timeout,
+            "namespace": namespace,
+            "session": self._session,
+        }
+        # token="" (not None): hvac would otherwise pick up VAULT_TOKEN or ~/.vault-token.
+        self._client: Any = hvac.Client(token="", **options)
+        # Logins go through a client that never carries a token, so a stale one is never sent.
+        self._login_client: Any = hvac.Client(token="", **options)
+        self._token: model.Secret | None = None
+        self._login_lock = threading.Lock()
+        if isinstance(auth, TokenAuth):
+            self._set_token(auth.token)
+
+    def __repr__(self) -> str:
+        return f"VaultStore(address={self._address!r}, mount={self._mount!r}, auth={self._auth!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._session.close()
+
+    def __enter__(self) -> VaultStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- authentication ------------------------------------------------------------------
+
+    def login(self) -> None:
+        """Obtain a token from the auth method now (for a plain token: take it as given)."""
+        with self._login_lock:
+            self._login()
+
+    def _login(self) -> None:
+        """The login itself; the caller holds ``_login_lock``."""
+        auth = self._auth
+        if isinstance(auth, TokenAuth):
+            self._set_token(auth.token)
+            return
+        try:
+            response = _login_request(self._login_client, auth)
+        except (
+            hvac.exceptions.Forbidden,
+            hvac.exceptions.Unauthorized,
+            hvac.exceptions.InvalidRequest,
+            hvac.exceptions.InvalidPath,
+        ) as exc:
+            raise self._login_refused(auth, exc) from exc
+        except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+            op = _Op("update", f"auth/{auth.mount}/login", f"log in with {_method(auth)}")
+            raise _translate(op, exc, self._address, self._token_source()) from exc
+        token = _text(_mapping(_mapping(response).get("auth")).get("client_token"))
+        if not token:
+            raise errors.VaultDenied(
+                f"{_method(auth)} login at auth/{auth.mount}/login on {self._address} returned "
+                f"no token: {_login_fix(auth)}"
+            )
+        self._set_token(model.Secret(token))
+
+    def token_ttl(self) -> int | None:
+        """Seconds the current token has left; None if it never expires (a root token)."""
+        info = self._lookup_self()
+        ttl = _mapping(info.get("data")).get("ttl")
+        return ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > 0 else None
+
+    def check(self) -> None:
+        """Raise unless Vault is reachable, unsealed, the token valid and the mount KV v2."""
+        self._lookup_self()
+        self._check_mount()
+
+    # --- SecretStore ---------------------------------------------------------------------
+
+    def read_published(self, secret_path: str) -> model.Published:
+        path = secret_path.strip("/")
+        data, version = self._kv_read(path, "read the published secret")
+        if data is None:
+            return model.Published(None, None, {}, version=version)
+        extra = {k: v for k, v in data.items() if k not in model.Published.PUBLISHED_FIELDS}
+        key_id = data.get("access_key_id")
+        return model.Published(
+            access_key_id=None if key_id in (None, "") else str(key_id),
+            created_at=_lenient_time(data.get("created_at")),
+            extra=extra,
+            version=version,
+        )
+
+    def write_published(
+        self, secret_path: str, key: model.NewKey, base: model.Published
+    ) -> model.Published:
+        path = secret_path.strip("/")
+        data = {
+            **base.extra,
+            "access_key_id": key.key_id,
+            "secret_access_key": key.secret.reveal(),
+            "created_at": model.format_time(key.created),
+        }
+        version = self._kv_write(path, data, base.version, "publish the new key")
+        return model.Published(
+            access_key_id=key.key_id,
+            created_at=model.utc(key.created),
+            extra=dict(base.extra),
+            version=version,
+        )
+
+    def read_state(self, target: str) -> model.StoredState:
+        data, version = self._kv_read(self._state(target), f"read the state of target {target}")
+        if data is None:
+            return model.StoredState(model.TargetState(), version)
+        return model.StoredState(model.TargetState.from_document(data), version)
+
+    def write_state(self, target: str, state: model.TargetState, version: int) -> int:
+        return self._kv_write(
+            self._state(target), state.to_document(), version, f"write the state of target {target}"
+        )
+
+    # --- Lock ----------------------------------------------------------------------------
+
+    def acquire(self, target: str, holder: str, ttl_seconds: float) -> bool:
+        """Take the lease if it is free, expired or already ours; False if someone holds it."""
+        lease, version = self._read_lease(target)
+        now = self._now()
+        if lease is not None and lease.live(now) and lease.holder != holder:
+            return False
+        return self._write_lease(target, version, holder, now + timedelta(seconds=ttl_seconds))
+
+    def renew(self, target: str, holder: str, ttl_seconds: float) -> bool:
+        """Extend our lease; False if it is no longer ours or has expired.
+
+        An expired lease is not renewed even if nobody took it: the holder was not protected
+        for a while, so it must stop and acquire again rather than carry on as if nothing happened.
+        """
+        lease, version = self._read_lease(target)
+        now = self._now()
+        if lease is None or lease.holder != holder or not lease.live(now):
+            return False
+        return self._write_lease(target, version, holder, now + timedelta(seconds=ttl_seconds))
+
+    def release(self, target: str, holder: str) -> None:
+        """Give the lease up if it is ours (a lost race means it was not ours any more)."""
+        lease, version = self._read_lease(target)
+        if lease is None or lease.holder != holder or lease.released:
+            return
+        now = self._now()
+        data = {
+            "holder": holder,
+            "expires_at": model.format_time(now),
+            "released_at": model.format_time(now),
+        }
+        try:
+            self._kv_write(self._lock(target), data, version, f"release the lock of {target}")
+        except errors.VaultConflict:
+            return
+
+    def holder(self, target: str) -> str | None:
+        lease, _ = self._read_lease(target)
+        return lease.holder if lease is not None and lease.live(self._now()) else None
+
+    def _read_lease(self, target: str) -> tuple[_Lease | None, int]:
+        data, version = self._kv_read(self._lock(target), f"read the lock of target {target}")
+        return _Lease.parse(data), version
+
+    def _write_lease(self, target: str, version: int, holder: str, expires: datetime) -> bool:
+        data = {"holder": holder, "expires_at": model.format_time(expires)}
+        try:
+            self._kv_write(self._lock(target), data, version, f"take the lock of target {target}")
+        except errors.VaultConflict:
+            return False  # another replica wrote the lock since we read it: it won
+        return True
+
+    # --- paths -------------------------------------------------------------------------------
+
+    def _state(self, target: str) -> str:
+        return f"{self._state_path}/targets/{target}"
+
+    def _lock(self, target: str) -> str:
+        return f"{self._state_path}/locks/{target}"
+
+    # --- KV v2 -------------------------------------------------------------------------------
+
+    def _kv_read(self, path: str, purpose: str) -> tuple[dict[str, Any] | None, int]:
+        """(data, version) of the latest version; (None, version) if it was deleted or
+        destroyed, so check-and-set can still write over it; (None, 0) if nothing is there."""
+        op = _Op("read", f"{self._mount}/data/{path}", purpose)
+
+        def call(client: Any) -> Any:
+            try:
+                return client.secrets.kv.v2.read_secret_version(
+                    path=path, mount_point=self._mount, raise_on_deleted_version=True
+                )
+            except hvac.exceptions.InvalidPath as exc:
+                if _missing_route(exc):
+                    raise
+                # A 404 with metadata is a deleted or destroyed version; without, no secret.
+                return exc.json if isinstance(exc.json, dict) else {}
+
+        body = _mapping(self._call(op, call)).get("data")
+        if body is None:
+            return None, 0
+        metadata = _mapping(body).get("metadata")
+        if not isinstance(metadata, dict):
+            raise self._not_kv_v2()
+        version = _version(metadata.get("version"))
+        data = _mapping(body).get("data")
+        if not isinstance(data, dict):
+            return None, version
+        return data, version
+
+    def _kv_write(self, path: str, data: Mapping[str, Any], cas: int, purpose: str) -> int:
+        """Write with check-and-set on ``cas``; returns the new version."""
+        op = _Op("create" if cas == 0 else "update", f"{self._mount}/data/{path}", purpose)
+
+        def call(client: Any) -> Any:
+            return client.secrets.kv.v2.create_or_update_secret(
+                path=path, secret=dict(data), cas=cas, mount_point=self._mount
+            )
+
+        response = self._call(op, call)
+        if not isinstance(response, dict):
+            # A KV v1 engine accepts the write (204, no version): the mount is the wrong kind.
+            raise self._not_kv_v2()
+        return _version(_mapping(response.get("data")).get("version"))
+
+    def _not_kv_v2(self) -> errors.VaultError:
+        return errors.VaultError(
+            f"the secrets engine at {self._mount}/ on {self._address} is not KV version 2: "
+            f"set vault.mount to a KV v2 mount, or enable one there "
+            f"(`bao secrets enable -path={self._mount} kv-v2`)"
+        )
+
+    def _check_mount(self) -> None:
+        path = f"sys/internal/ui/mounts/{self._mount}"
+        op = _Op("read", path, f"look up the mount {self._mount}/")
+        try:
+            info = _mapping(self._call(op, lambda client: client.adapter.get(f"/v1/{path}")))
+        except errors.VaultDenied as exc:
+            raise errors.VaultError(
+                f"no secrets engine visible at {self._mount}/ on {self._address}: either none "
+                f"is mounted there (enable a KV v2 engine: `bao secrets enable -path="
+                f"{self._mount} kv-v2`) or the token's policy grants nothing under it "
+                f"(grant the rotator policy on {self._mount}/data/{self._state_path}/*)"
+            ) from exc
+        mount = _mapping(info.get("data"))
+        version = str(_mapping(mount.get("options")).get("version") or "1")
+        if mount.get("type") != "kv" or version != "2":
+            raise self._not_kv_v2()
+
+    def _lookup_self(self) -> dict[str, Any]:
+        op = _Op("read", "auth/token/lookup-self", "look up rotator's own token")
+        # The answer holds the token itself (``data.id``): only typed fields are taken from it.
+        return _mapping(self._call(op, lambda client: client.auth.token.lookup_self()))
+
+    # --- calling Vault -------------------------------------------------------------------
+
+    def _call(self, op: _Op, call: Callable[[Any], Any]) -> Any:
+        """Run ``call`` with a token, re-login once on 403 when the method allows, translate."""
+        used = self._ensure_token()
+        try:
+            return self._attempt(op, call)
+        except _Forbidden as denied:
+            if isinstance(self._auth, TokenAuth):
+                raise self._forbidden(op, denied.cause, relogged=False) from denied.cause
+        self._relogin(replacing=used)
+        try:
+            return self._attempt(op, call)
+        except _Forbidden as denied:
+            raise self._forbidden(op, denied.cause, relogged=True) from denied.cause
+
+    def _attempt(self, op: _Op, call: Callable[[Any], Any]) -> Any:
+        try:
+            return call(self._client)
+        except hvac.exceptions.Forbidden as exc:
+            raise _Forbidden(exc) from None
+        except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+            raise _translate(op, exc, self._address, self._token_source()) from exc
+
+    def _ensure_token(self) -> model.Secret:
+        token = self._token
+        if token is not None:
+            return token
+        with self._login_lock:
+            if self._token is None:
+                self._login()
+            assert self._token is not None  # _login() sets it or raises
+            return self._token
+
+    def _relogin(self, replacing: model.Secret) -> None:
+        with self._login_lock:
+            if self._token is replacing:  # another thread may have logged in already
+                self._login()
+
+    def _set_token(self, token: model.Secret) -> None:
+        self._token = token
+        self._client.token = token.reveal()
+
+    def _token_source(self) -> str:
+        auth = self._auth
+        if isinstance(auth, TokenAuth):
+            return "the token comes from VAULT_TOKEN or vault.auth.token_file: issue a new one"
+        if isinstance(auth, AppRoleAuth):
+            return (
+                f"the token comes from AppRole login at auth/{auth.mount}: check the role's "
+                "token_ttl and token_num_uses (vault.auth.approle)"
+            )
+        return (
+            f"the token comes from Kubernetes login at auth/{auth.mount}: check the role's "
+            "token_ttl (vault.auth.kubernetes)"
+        )
+
+    def _token_valid(self) -> bool | None:
+        """Whether Vault still knows the current token (None: could not tell)."""
+        try:
+            self._client.auth.token.lookup_self()
+        except hvac.exceptions.Forbidden:
+            return False
+        except (hvac.exceptions.VaultError, requests.RequestException):
+            return None
+        return True
+
+    def _forbidden(
+        self, op: _Op, exc: hvac.exceptions.Forbidden, *, relogged: bool
+    ) -> errors.VaultDenied:
+        """A 403 means a bad token or a policy that does not grant the path: tell which."""
+        token_valid = False if op.path == "auth/token/lookup-self" else self._token_valid()
+        if token_valid is False:
+            again = " even right after a fresh login" if relogged else ""
+            return errors.VaultDenied(
+                f"Vault at {self._address} rejected rotator's token{again} (invalid, expired or "
+                f"revoked, or without the default policy) when trying to {op.purpose}: "
+                f"{self._token_source()}"
+            )
+        return errors.VaultDenied(
+            f"Vault at {self._address} denied `{op.capability}` on `{op.path}` (to {op.purpose}): "
+            f"the policy of rotator's token does not grant it; add it to the rotator policy, "
+            f'e.g. path "{op.path}" {{ capabilities = ["{op.capability}", ...] }}'
+            f" ({_vault_said(exc)})"
+        )
+
+    def _login_refused(
+        self, auth: AppRoleAuth | KubernetesAuth, exc: hvac.exceptions.VaultError
+    ) -> errors.VaultDenied:
+        if _missing_route(exc):
+            fix = f"no auth method is enabled at auth/{auth.mount}: enable it or fix its mount"
+        else:
+            fix = _login_fix(auth)
+        return errors.VaultDenied(
+            f"{_method(auth)} login at auth/{auth.mount}/login on {self._address} was refused "
+            f"({_vault_said(exc)}): {fix}"
+        )
+
+
+# --- logging in ----------------------------------------------------------------------------------
+
+
+def _login_request(client: Any, auth: AppRoleAuth | KubernetesAuth) -> Any:
+    """POST the login; the token is taken from the answer, never kept in ``client``."""
+    if isinstance(auth, AppRoleAuth):
+        return client.auth.approle.login(
+            role_id=auth.role_id,
+            secret_id=auth.secret_id.reveal(),
+            use_token=False,
+            mount_point=auth.mount,
+        )
+    return client.auth.kubernetes.login(
+        role=auth.role, jwt=auth.jwt.reveal(), use_token=False, mount_point=auth.mount
+    )
+
+
+def _method(auth: AppRoleAuth | KubernetesAuth) -> str:
+    return "AppRole" if isinstance(auth, AppRoleAuth) else "Kubernetes"
+
+
+def _login_fix(auth: AppRoleAuth | KubernetesAuth) -> str:
+    if isinstance(auth, AppRoleAuth):
+        return (
+            "check vault.auth.approle: role_id and secret_id (a secret_id may expire or be used "
+            "up: issue a new one)"
+        )
+    return (
+        "check vault.auth.kubernetes: the role, the service account and namespace it is bound "
+        "to, and the auth method's kubernetes_host"
+    )
+
+
+# --- translation and typed readers -------------------------------------------------------------
+
+
+def _translate(
+    op: _Op,
+    exc: hvac.exceptions.VaultError | requests.RequestException,
+    address: str,
+    token_source: str,
+) -> errors.VaultError:
+    """The project's error for a failed call (403 is handled by the caller, which knows more)."""
+    what = f"to {op.purpose} (`{op.capability}` on `{op.path}`)"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return errors.VaultUnavailable(
+            f"TLS with Vault at {address} failed {what}: set vault.ca_file to the CA that "
+            "signed Vault's certificate, and check vault.address's host name"
+        )
+    if isinstance(
+        exc,
+        requests.exceptions.InvalidURL
+        | requests.exceptions.MissingSchema
+        | requests.exceptions.InvalidSchema,
+    ):
+        return errors.VaultError(
+            f"vault.address {address!r} is not a usable URL: write it as https://host:8200"
+        )
+    if isinstance(exc, requests.RequestException):
+        return errors.VaultUnavailable(
+            f"Vault at {address} is unreachable ({type(exc).__name__}) {what}: check that it "
+            "runs, vault.address, the network and firewalls in between; retried on the next pass"
+        )
+    said = _vault_said(exc)
+    if isinstance(exc, hvac.exceptions.VaultDown):
+        return errors.VaultUnavailable(
+            f"Vault at {address} is sealed or unavailable ({said}) {what}: unseal it "
+            "(`bao operator unseal`) or check its health; retried on the next pass"
+        )
+    if isinstance(exc, hvac.exceptions.VaultNotInitialized):
+        return errors.VaultUnavailable(
+            f"Vault at {address} is not initialized {what}: initialize and unseal it"
+        )
+    if isinstance(
+        exc,
+        hvac.exceptions.InternalServerError
+        | hvac.exceptions.BadGateway
+        | hvac.exceptions.RateLimitExceeded
+        | hvac.exceptions.UnexpectedError,
+    ):
+        return errors.VaultUnavailable(
+            f"Vault at {address} failed {what} ({type(exc).__name__}: {said}): check Vault's "
+            "health and logs; retried on the next pass"
+        )
+    if isinstance(exc, hvac.exceptions.Unauthorized):
+        return errors.VaultDenied(
+            f"Vault at {address} rejected rotator's token as invalid or expired {what}: "
+            f"{token_source}"
+        )
+    if isinstance(exc, hvac.exceptions.InvalidRequest) and "check-and-set" in said:
+        return errors.VaultConflict(
+            f"`{op.path}` changed since rotator read it (check-and-set lost, {what}): another "
+            "replica or a person wrote it; the next pass re-reads it"
+        )
+    if isinstance(exc, hvac.exceptions.InvalidPath) and _missing_route(exc):
+        mount = op.path.split("/", 1)[0]
+        return errors.VaultError(
+            f"nothing is mounted at {mount}/ on Vault at {address} {what}: enable a KV v2 "
+            f"engine there (`bao secrets enable -path={mount} kv-v2`) or fix vault.mount"
+        )
+    return errors.VaultError(f"Vault at {address} refused {what} ({type(exc).__name__}: {said})")
+
+
+def _missing_route(exc: hvac.exceptions.VaultError) -> bool:
+    """Vault's 404 for a path under no mount at all ("no handler for route")."""
+    return isinstance(exc, hvac.exceptions.InvalidPath) and "no handler for route" in _vault_said(
+        exc
+    )
+
+
+def _vault_said(exc: hvac.exceptions.VaultError) -> str:
+    """Vault's own error text, short, with anything that looks like a known secret removed."""
+    raw = exc.errors if isinstance(exc.errors, list) else [exc.args[0] if exc.args else ""]
+    text = " ".join(" ".join(str(e).split()) for e in raw if e) or "no detail"
+    for secret in model.Secret.known_values():
+        text = text.replace(secret, "**********")
+    return text[:300]
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else empty (hvac answers are untyped)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _version(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise errors.VaultError(f"Vault returned a KV version that is not a number: {value!r}")
+
+
+def _lenient_time(value: object) -> datetime | None:
+    """A time written by someone else may be anything: unreadable counts as unknown."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return model.parse_time(value)
+    except ValueError:
+        return None
+
+
+def _display_address(address: str) -> str:
+    """The address for messages, without any user:password part."""
+    parts = urlsplit(address)
+    if parts.username is None and parts.password is None:
+        return address
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)

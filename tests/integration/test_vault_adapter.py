@@ -1,0 +1,803 @@
+"""VaultStore against a real OpenBao: the KV v2 layout, check-and-set, error translation, locks."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.server
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import hvac
+import pytest
+
+from rotator import errors, model
+from rotator.adapters import vault as vault_adapter
+from rotator.adapters.vault import AppRoleAuth, KubernetesAuth, TokenAuth, VaultStore
+from tests.support import servers
+from tests.support.openbao import VaultFixture
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+MakeStore = Callable[..., VaultStore]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.value = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        self.value += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def make_store(vault: VaultFixture) -> Iterator[MakeStore]:
+    """Build VaultStores on the test's mount (root token unless told); closed after the test."""
+    made: list[VaultStore] = []
+
+    def make(**options: Any) -> VaultStore:
+        options.setdefault("address", vault.address)
+        options.setdefault("auth", TokenAuth(model.Secret(vault.root_token)))
+        options.setdefault("mount", vault.mount)
+        store = VaultStore(**options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> VaultStore:
+    return make_store()
+
+
+def new_key(key_id: str = "AKIAEXAMPLE0001", created: datetime | None = None) -> model.NewKey:
+    return model.NewKey(
+        key_id=key_id,
+        secret=model.Secret(f"secret-{uuid.uuid4().hex}"),
+        created=created or datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC),
+    )
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__]
+
+
+# --- published secret --------------------------------------------------------------------------
+
+
+def test_published_round_trip_puts_the_secret_in_secret_access_key_and_created_at_in_utc(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    paris = timezone(timedelta(hours=2))
+    key = new_key(created=datetime(2030, 6, 1, 14, 30, 5, tzinfo=paris))
+
+    written = store.write_published("team/app", key, store.read_published("team/app"))
+    raw = vault.read_raw("team/app")
+    read = store.read_published("team/app")
+
+    assert raw is not None
+    assert raw["secret_access_key"] == key.secret.reveal()
+    assert raw["access_key_id"] == key.key_id
+    assert RFC3339_UTC.match(raw["created_at"]), raw["created_at"]
+    assert model.parse_time(raw["created_at"]) == key.created
+    assert raw["created_at"].startswith("2030-06-01T12:30:05")
+    assert written == read
+    assert read.access_key_id == key.key_id
+    assert read.created_at == key.created
+    assert read.created_at is not None
+    assert read.created_at.tzinfo == UTC
+    assert read.version == 1
+    assert read.extra == {}
+    assert key.secret.reveal() not in repr(read)
+
+
+def test_fields_another_writer_put_there_are_kept_on_read_and_write(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    vault.client().secrets.kv.v2.create_or_update_secret(
+        path="team/app",
+        mount_point=vault.mount,
+        secret={"region": "eu-west-2", "access_key_id": "OLDKEY", "owner": {"team": "ops"}},
+    )
+    base = store.read_published("team/app")
+    store.write_published("team/app", new_key("NEWKEY"), base)
+
+    assert base.access_key_id == "OLDKEY"
+    assert base.extra == {"region": "eu-west-2", "owner": {"team": "ops"}}
+    raw = vault.read_raw("team/app")
+    assert raw is not None
+    assert raw["region"] == "eu-west-2"
+    assert raw["owner"] == {"team": "ops"}
+    assert raw["access_key_id"] == "NEWKEY"
+    assert store.read_published("team/app").extra == base.extra
+
+
+def test_publishing_over_a_stale_version_conflicts_and_overwrites_nothing(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    base = store.read_published("team/app")
+    store.write_published("team/app", new_key("FIRST"), base)
+    # someone else writes after our read
+    stale = store.read_published("team/app")
+    vault.client().secrets.kv.v2.create_or_update_secret(
+        path="team/app", mount_point=vault.mount, secret={"access_key_id": "BYHAND"}
+    )
+
+    with pytest.raises(errors.VaultConflict) as first:
+        store.write_published("team/app", new_key("SECOND"), base)
+    with pytest.raises(errors.VaultConflict):
+        store.write_published("team/app", new_key("THIRD"), stale)
+
+    assert first.value.transient
+    assert f"{vault.mount}/data/team/app" in str(first.value)
+    assert vault.read_raw("team/app") == {"access_key_id": "BYHAND"}
+    assert store.read_published("team/app").version == 2
+
+
+def test_absent_paths_read_as_version_zero(store: VaultStore) -> None:
+    assert store.read_published("nobody/here") == model.Published(None, None, {}, version=0)
+    assert store.read_state("nobody") == model.StoredState(model.TargetState(), 0)
+    assert store.holder("nobody") is None
+
+
+def test_a_soft_deleted_secret_reads_empty_with_its_version_so_check_and_set_still_works(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    store.write_published("team/app", new_key("FIRST"), store.read_published("team/app"))
+    vault.client().secrets.kv.v2.delete_latest_version_of_secret(
+        path="team/app", mount_point=vault.mount
+    )
+
+    deleted = store.read_published("team/app")
+    written = store.write_published("team/app", new_key("SECOND"), deleted)
+
+    assert deleted == model.Published(None, None, {}, version=1)
+    assert written.version == 2
+    assert store.read_published("team/app").access_key_id == "SECOND"
+
+
+def test_a_destroyed_secret_reads_empty_with_its_version(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    store.write_published("team/app", new_key("FIRST"), store.read_published("team/app"))
+    vault.client().secrets.kv.v2.destroy_secret_versions(
+        path="team/app", versions=[1], mount_point=vault.mount
+    )
+
+    assert store.read_published("team/app") == model.Published(None, None, {}, version=1)
+
+
+# --- rotator state -------------------------------------------------------------------------------
+
+
+def full_state() -> model.TargetState:
+    t = datetime(2030, 1, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    return model.TargetState(
+        current=model.CurrentKey("AKIACURRENT", t, t + timedelta(seconds=5), t + timedelta(1)),
+        retiring=(
+            model.RetiringKey("AKIAOLD1", t + timedelta(days=1)),
+            model.RetiringKey("AKIAOLD2", t, deactivated_at=t, delete_at=t + timedelta(days=3)),
+        ),
+        pending=model.PendingKey(
+            "AKIAPENDING",
+            model.Secret(f"pending-secret-{uuid.uuid4().hex}"),
+            t,
+            attempts=2,
+            last_attempt_at=t + timedelta(seconds=30),
+        ),
+        intent=model.Intent(t - timedelta(seconds=1)),
+        created_ids=("AKIAOLD2", "AKIAOLD1", "AKIACURRENT", "AKIAPENDING"),
+        identity_digest="sha256:abc",
+        identity_checked_at=t,
+        last_success_at=t,
+        last_rotation_at=t - timedelta(days=1),
+        last_error="EIM throttled",
+        last_error_at=t - timedelta(hours=1),
+        next_due_at=t + timedelta(days=30),
+        failures=3,
+        retry_after=t + timedelta(minutes=5),
+    )
+
+
+def test_state_round_trip_preserves_every_field_including_the_pending_secret(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    state = full_state()
+    # guard: a field added to TargetState later must be set here too, or this test proves less
+    for f in dataclasses.fields(model.TargetState):
+        assert getattr(state, f.name) != f.default, f"full_state() leaves {f.name} at its default"
+
+    version = store.write_state("web", state, 0)
+    read = store.read_state("web")
+
+    assert version == 1
+    assert read == model.StoredState(state, 1)
+    assert read.state.pending is not None
+    assert state.pending is not None
+    assert read.state.pending.secret.reveal() == state.pending.secret.reveal()
+    raw = vault.read_raw("rotator/targets/web")
+    assert raw is not None
+    assert raw["schema"] == model.STATE_SCHEMA
+    assert store.write_state("web", state.replace(failures=0), 1) == 2
+
+
+def test_state_written_over_a_stale_version_conflicts(store: VaultStore) -> None:
+    store.write_state("web", model.TargetState(failures=1), 0)
+    store.write_state("web", model.TargetState(failures=2), 1)
+
+    with pytest.raises(errors.VaultConflict):
+        store.write_state("web", model.TargetState(failures=9), 1)
+    with pytest.raises(errors.VaultConflict):
+        store.write_state("web", model.TargetState(failures=9), 0)
+
+    assert store.read_state("web") == model.StoredState(model.TargetState(failures=2), 2)
+
+
+def test_state_with_an_unknown_schema_raises_instead_of_reading_as_empty(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    vault.client().secrets.kv.v2.create_or_update_secret(
+        path="rotator/targets/web", mount_point=vault.mount, secret={"schema": 99, "current": None}
+    )
+
+    with pytest.raises(errors.StateSchemaError):
+        store.read_state("web")
+
+
+def test_state_path_is_configurable(make_store: MakeStore, vault: VaultFixture) -> None:
+    store = make_store(state_path="/ops/rotator/")
+    store.write_state("web", model.TargetState(failures=1), 0)
+
+    assert vault.read_raw("ops/rotator/targets/web") is not None
+    assert vault.read_raw("rotator/targets/web") is None
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_a_read_only_token_is_denied_on_write_with_the_path_and_capability_named(
+    make_store: MakeStore, vault: VaultFixture
+) -> None:
+    token = vault.token_with_policy(
+        f"{vault.mount}-ro", f'path "{vault.mount}/data/*" {{ capabilities = ["read"] }}'
+    )
+    store = make_store(auth=TokenAuth(model.Secret(token)))
+    key = new_key()
+
+    base = store.read_published("team/app")  # reading is allowed
+    with pytest.raises(errors.VaultDenied) as denied:
+        store.write_published("team/app", key, base)
+
+    message = str(denied.value)
+    assert f"`create` on `{vault.mount}/data/team/app`" in message
+    assert "rotator policy" in message
+    assert not denied.value.transient
+    assert token not in message
+    assert key.secret.reveal() not in message
+    assert vault.read_raw("team/app") is None
+
+
+def test_an_invalid_token_is_denied_and_said_to_be_invalid(make_store: MakeStore) -> None:
+    token = "s.thisTokenDoesNotExist0123456789"
+    store = make_store(auth=TokenAuth(model.Secret(token)))
+
+    with pytest.raises(errors.VaultDenied) as on_check:
+        store.check()
+    with pytest.raises(errors.VaultDenied) as on_read:
+        store.read_published("team/app")
+
+    for exc in (on_check.value, on_read.value):
+        assert "rejected rotator's token" in str(exc)
+        assert "VAULT_TOKEN" in str(exc)
+        assert token not in str(exc)
+
+
+def test_a_revoked_token_is_denied_as_invalid_not_as_a_policy_problem(
+    make_store: MakeStore, vault: VaultFixture
+) -> None:
+    token = vault.token_with_policy(
+        f"{vault.mount}-rw", f'path "{vault.mount}/data/*" {{ capabilities = ["read"] }}'
+    )
+    store = make_store(auth=TokenAuth(model.Secret(token)))
+    store.check()
+    vault.client().auth.token.revoke(token)
+
+    with pytest.raises(errors.VaultDenied) as denied:
+        store.read_published("team/app")
+
+    assert "invalid, expired or revoked" in str(denied.value)
+    assert "capabilities" not in str(denied.value)
+
+
+def test_an_address_nothing_listens_on_is_unavailable_quickly(vault: VaultFixture) -> None:
+    address = f"http://127.0.0.1:{servers.free_port()}"
+    with VaultStore(address=address, auth=TokenAuth(model.Secret(vault.root_token))) as store:
+        started = time.monotonic()
+        with pytest.raises(errors.VaultUnavailable) as unavailable:
+            store.read_published("team/app")
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 3
+    assert address in str(unavailable.value)
+    assert unavailable.value.transient
+
+
+def test_a_sealed_vault_is_unavailable(tmp_path: Path) -> None:
+    with servers.OpenBaoServer(tmp_path / "home") as sealed:
+        root = hvac.Client(url=sealed.address, token=sealed.root_token, timeout=10)
+        store = VaultStore(address=sealed.address, auth=TokenAuth(model.Secret(sealed.root_token)))
+        try:
+            store.check()  # works before the seal
+            root.sys.seal()
+            assert root.sys.is_sealed()
+            with pytest.raises(errors.VaultUnavailable) as on_check:
+                store.check()
+            with pytest.raises(errors.VaultUnavailable) as on_read:
+                store.read_published("team/app")
+        finally:
+            store.close()
+            root.adapter.close()
+
+    for exc in (on_check.value, on_read.value):
+        assert "sealed" in str(exc)
+        assert sealed.address in str(exc)
+
+
+def test_a_mount_that_does_not_exist_is_named_with_the_fix(make_store: MakeStore) -> None:
+    store = make_store(mount="no-such-mount")
+
+    with pytest.raises(errors.VaultError) as on_read:
+        store.read_published("team/app")
+    with pytest.raises(errors.VaultError) as on_check:
+        store.check()
+
+    for exc in (on_read.value, on_check.value):
+        assert not isinstance(exc, errors.VaultUnavailable)
+        assert "no-such-mount/" in str(exc)
+        assert "kv-v2" in str(exc)
+
+
+def test_check_rejects_a_kv_version_1_mount(make_store: MakeStore, vault: VaultFixture) -> None:
+    v1_mount = f"{vault.mount}-v1"
+    root = vault.client()
+    root.sys.enable_secrets_engine(backend_type="kv", path=v1_mount, options={"version": "1"})
+    try:
+        with pytest.raises(errors.VaultError) as on_check:
+            make_store(mount=v1_mount).check()
+    finally:
+        root.sys.disable_secrets_engine(path=v1_mount)
+
+    assert "not KV version 2" in str(on_check.value)
+    assert v1_mount in str(on_check.value)
+
+
+def test_check_passes_and_reports_the_token_ttl(make_store: MakeStore, vault: VaultFixture) -> None:
+    token = vault.token_with_policy(
+        f"{vault.mount}-ttl", f'path "{vault.mount}/data/*" {{ capabilities = ["read"] }}', ttl="1h"
+    )
+    root_store = make_store()
+    store = make_store(auth=TokenAuth(model.Secret(token)))
+
+    store.check()
+    root_store.check()
+
+    ttl = store.token_ttl()
+    assert ttl is not None
+    assert 3500 < ttl <= 3600
+    assert root_store.token_ttl() is None  # the root token never expires
+
+
+# --- AppRole -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def approle(vault: VaultFixture) -> Callable[..., AppRoleAuth]:
+    """Enable AppRole at a mount of this test and return a factory of AppRoleAuth for roles."""
+    root = vault.client()
+    mount = f"approle-{vault.mount}"
+    root.sys.enable_auth_method(method_type="approle", path=mount)
+    root.sys.create_or_update_policy(
+        name=f"{vault.mount}-rotator",
+        policy=f'path "{vault.mount}/data/*" {{ capabilities = ["create", "read", "update"] }}',
+    )
+
+    def make(role: str = "rotator", **role_options: Any) -> AppRoleAuth:
+        root.auth.approle.create_or_update_approle(
+            role_name=role,
+            token_policies=[f"{vault.mount}-rotator"],
+            mount_point=mount,
+            **role_options,
+        )
+        role_id = root.auth.approle.read_role_id(role_name=role, mount_point=mount)
+        secret_id = root.auth.approle.generate_secret_id(role_name=role, mount_point=mount)
+        return AppRoleAuth(
+            role_id=role_id["data"]["role_id"],
+            secret_id=model.Secret(secret_id["data"]["secret_id"]),
+            mount=mount,
+        )
+
+    return make
+
+
+def test_approle_login_works_for_reads_and_writes(
+    make_store: MakeStore, approle: Callable[..., AppRoleAuth]
+) -> None:
+    store = make_store(auth=approle())
+
+    store.write_published("team/app", new_key("VIAAPPROLE"), store.read_published("team/app"))
+    store.check()
+
+    assert store.read_published("team/app").access_key_id == "VIAAPPROLE"
+    ttl = store.token_ttl()
+    assert ttl is not None
+    assert ttl > 0
+
+
+def test_approle_logs_in_again_when_its_token_stops_working(
+    make_store: MakeStore, approle: Callable[..., AppRoleAuth]
+) -> None:
+    # each token is good for one request: every call after the first needs a fresh login
+    store = make_store(auth=approle(token_num_uses=1))
+
+    base = store.read_published("team/app")
+    store.write_published("team/app", new_key("RELOGGED"), base)
+
+    assert store.read_published("team/app").access_key_id == "RELOGGED"
+
+
+def test_approle_with_a_wrong_secret_id_is_denied_without_echoing_it(
+    make_store: MakeStore, approle: Callable[..., AppRoleAuth]
+) -> None:
+    good = approle()
+    wrong = model.Secret(str(uuid.uuid4()))
+    store = make_store(auth=AppRoleAuth(good.role_id, wrong, mount=good.mount))
+
+    with pytest.raises(errors.VaultDenied) as denied:
+        store.read_published("team/app")
+
+    assert "AppRole login" in str(denied.value)
+    assert "secret_id" in str(denied.value)
+    for exc in exception_chain(denied.value):
+        assert wrong.reveal() not in str(exc)
+        assert wrong.reveal() not in repr(exc)
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+# Never used to verify anything (the stand-in API server below is plain HTTP), but the auth
+# method insists on a CA certificate when it does not run in a pod. Public half of a throwaway.
+STAND_IN_CA = """-----BEGIN CERTIFICATE-----
+MIIBmDCCAT+gAwIBAgIUW4/+Wzrk1DXhC9kJnOWpJjs5nfYwCgYIKoZIzj0EAwIw
+ITEfMB0GA1UEAwwWc3RhbmQtaW4ga3ViZXJuZXRlcyBDQTAgFw0yNjEyMDMxMTM2
+MjFaGA8yMTI2MTEwOTExMzYyMVowITEfMB0GA1UEAwwWc3RhbmQtaW4ga3ViZXJu
+ZXRlcyBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABEAhFAd3pBWg6gfEO1kb
+QN/4UPCO5eLtEVmg+vwoWa8Dx1sd6CwiTFyoQ7x8VrG8h8iUyytRm1oSivkvZxZF
+EwOjUzBRMB0GA1UdDgQWBBRa+dD+x16zRkjlK0vCi4FHGr7nyTAfBgNVHSMEGDAW
+gBRa+dD+x16zRkjlK0vCi4FHGr7nyTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49
+BAMCA0cAMEQCIAS21i8Rta1elxnA1labI4m9xJEyXJvSWRBdCo7FDv19AiB3lUBL
+Jifwd4Wj9iazdGyW/vqW1InzY0U6OxQTHufE8A==
+-----END CERTIFICATE-----
+"""
+
+
+def service_account_jwt(namespace: str, name: str, uid: str) -> str:
+    """A legacy service account token: Vault reads its claims, the TokenReview vouches for it."""
+
+    def part(value: dict[str, str]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    claims = {
+        "iss": "kubernetes/serviceaccount",
+        "sub": f"system:serviceaccount:{namespace}:{name}",
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": uid,
+        "kubernetes.io/serviceaccount/secret.name": f"{name}-token",
+    }
+    signature = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
+
+
+class TokenReviewStandIn:
+    """A loopback stand-in for the Kubernetes TokenReview API: vouches for one token only."""
+
+    def __init__(self, valid_token: str, username: str, uid: str) -> None:
+        self.reviewed: list[str] = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                token = body["spec"]["token"]
+                stand_in.reviewed.append(token)
+                status: dict[str, Any] = {"authenticated": token == valid_token}
+                if token == valid_token:
+                    status["user"] = {"username": username, "uid": uid, "groups": []}
+                answer = json.dumps(
+                    {
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "TokenReview",
+                        "status": status,
+                    }
+                ).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep test output clean
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> TokenReviewStandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def kubernetes(vault: VaultFixture) -> Iterator[tuple[KubernetesAuth, TokenReviewStandIn]]:
+    """Kubernetes auth enabled at a mount of this test, backed by the TokenReview stand-in."""
+    uid = str(uuid.uuid4())
+    jwt = service_account_jwt("ops", "rotator", uid)
+    mount = f"kubernetes-{vault.mount}"
+    root = vault.client()
+    with TokenReviewStandIn(jwt, "system:serviceaccount:ops:rotator", uid) as stand_in:
+        root.sys.enable_auth_method(method_type="kubernetes", path=mount)
+        root.write_data(
+            f"auth/{mount}/config",
+            data={
+                "kubernetes_host": stand_in.url,
+                "kubernetes_ca_cert": STAND_IN_CA,
+                "disable_local_ca_jwt": True,
+            },
+        )
+        root.sys.create_or_update_policy(
+            name=f"{vault.mount}-k8s",
+            policy=f'path "{vault.mount}/data/*" {{ capabilities = ["create", "read", "update"] }}',
+        )
+        root.write_data(
+            f"auth/{mount}/role/rotator",
+            data={
+                "bound_service_account_names": ["rotator"],
+                "bound_service_account_namespaces": ["ops"],
+                "token_policies": [f"{vault.mount}-k8s"],
+            },
+        )
+        yield KubernetesAuth(role="rotator", jwt=model.Secret(jwt), mount=mount), stand_in
+
+
+def test_kubernetes_login_works_with_the_service_account_token(
+    make_store: MakeStore, kubernetes: tuple[KubernetesAuth, TokenReviewStandIn]
+) -> None:
+    auth, stand_in = kubernetes
+    store = make_store(auth=auth)
+
+    store.write_published("team/app", new_key("VIAK8S"), store.read_published("team/app"))
+
+    assert store.read_published("team/app").access_key_id == "VIAK8S"
+    assert stand_in.reviewed == [auth.jwt.reveal()]  # one login, then the token is reused
+
+
+def test_kubernetes_login_refused_is_denied_without_echoing_the_jwt(
+    make_store: MakeStore, kubernetes: tuple[KubernetesAuth, TokenReviewStandIn]
+) -> None:
+    auth, _ = kubernetes
+    other = service_account_jwt("ops", "rotator", str(uuid.uuid4()))
+    store = make_store(
+        auth=KubernetesAuth(role=auth.role, jwt=model.Secret(other), mount=auth.mount)
+    )
+
+    with pytest.raises(errors.VaultDenied) as denied:
+        store.check()
+
+    assert f"Kubernetes login at auth/{auth.mount}/login" in str(denied.value)
+    for exc in exception_chain(denied.value):
+        assert other not in str(exc)
+        assert other not in repr(exc)
+
+
+# --- locks -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def locks(make_store: MakeStore, clock: FakeClock) -> VaultStore:
+    return make_store(now=clock.now)
+
+
+def test_of_two_holders_only_one_acquires(locks: VaultStore) -> None:
+    assert locks.acquire("web", "replica-a", 15)
+    assert not locks.acquire("web", "replica-b", 15)
+    assert locks.holder("web") == "replica-a"
+    assert locks.acquire("web", "replica-a", 15)  # already ours: taken again
+
+
+def test_after_expiry_another_holder_takes_the_lock(locks: VaultStore, clock: FakeClock) -> None:
+    assert locks.acquire("web", "replica-a", 15)
+    clock.advance(14)
+    assert not locks.acquire("web", "replica-b", 15)
+
+    clock.advance(1)
+
+    assert locks.holder("web") is None
+    assert locks.acquire("web", "replica-b", 15)
+    assert locks.holder("web") == "replica-b"
+    assert not locks.renew("web", "replica-a", 15)
+
+
+def test_renew_fails_for_a_non_holder_and_extends_the_holders_lease(
+    locks: VaultStore, clock: FakeClock
+) -> None:
+    assert locks.acquire("web", "replica-a", 15)
+    assert not locks.renew("web", "replica-b", 15)
+    assert not locks.renew("elsewhere", "replica-a", 15)
+
+    clock.advance(10)
+    assert locks.renew("web", "replica-a", 15)
+    clock.advance(10)  # 20s after acquiring, 10s after renewing
+
+    assert locks.holder("web") == "replica-a"
+    assert not locks.acquire("web", "replica-b", 15)
+
+
+def test_renew_after_expiry_fails_even_if_nobody_took_the_lock(
+    locks: VaultStore, clock: FakeClock
+) -> None:
+    assert locks.acquire("web", "replica-a", 15)
+    clock.advance(15)
+
+    assert not locks.renew("web", "replica-a", 15)
+    assert locks.acquire("web", "replica-a", 15)
+
+
+def test_release_frees_the_lock_only_for_its_holder(locks: VaultStore) -> None:
+    assert locks.acquire("web", "replica-a", 15)
+    locks.release("web", "replica-b")  # not b's: nothing happens
+    assert locks.holder("web") == "replica-a"
+
+    locks.release("web", "replica-a")
+
+    assert locks.holder("web") is None
+    assert not locks.renew("web", "replica-a", 15)
+    assert locks.acquire("web", "replica-b", 15)
+    locks.release("absent", "replica-a")  # releasing a lock nobody holds is harmless
+    assert locks.holder("absent") is None
+
+
+def test_locks_live_under_the_state_path(locks: VaultStore, vault: VaultFixture) -> None:
+    assert locks.acquire("web", "replica-a", 15)
+
+    raw = vault.read_raw("rotator/locks/web")
+
+    assert raw is not None
+    assert raw["holder"] == "replica-a"
+    assert RFC3339_UTC.match(raw["expires_at"])
+    assert model.parse_time(raw["expires_at"]) == datetime(2030, 1, 1, 12, 0, 15, tzinfo=UTC)
+
+
+def race_for_lock(stores: list[VaultStore], target: str) -> dict[str, bool]:
+    """Every store tries ``acquire`` at the same moment, each in its own thread."""
+    barrier = threading.Barrier(len(stores), timeout=30)
+    results: dict[str, bool] = {}
+    failures: list[BaseException] = []
+
+    def contend(store: VaultStore, name: str) -> None:
+        try:
+            barrier.wait()
+            results[name] = store.acquire(target, name, 15)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=contend, args=(store, f"replica-{i}"))
+        for i, store in enumerate(stores)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    assert len(results) == len(stores)
+    return results
+
+
+def test_eight_threads_racing_for_a_lock_exactly_one_wins(make_store: MakeStore) -> None:
+    stores = [make_store() for _ in range(8)]
+    for round_number in range(5):
+        target = f"race-{round_number}"
+
+        results = race_for_lock(stores, target)
+
+        winners = [name for name, won in results.items() if won]
+        assert len(winners) == 1, results
+        assert stores[0].holder(target) == winners[0]
+
+
+def test_threads_sharing_one_store_race_safely(make_store: MakeStore) -> None:
+    shared = make_store()
+
+    results = race_for_lock([shared] * 8, "shared-race")
+
+    assert sum(results.values()) == 1
+
+
+# --- no secret in any message ------------------------------------------------------------------
+
+
+def test_no_exception_message_or_repr_contains_a_token_or_secret(
+    make_store: MakeStore, vault: VaultFixture
+) -> None:
+    read_only = vault.token_with_policy(
+        f"{vault.mount}-leak", f'path "{vault.mount}/data/*" {{ capabilities = ["read"] }}'
+    )
+    invalid = "s.invalidTokenForLeakCheck987654321"
+    key = new_key()
+    root_store = make_store()
+    raised: list[BaseException] = []
+
+    def capture(call: Callable[[], object]) -> None:
+        with pytest.raises(errors.VaultError) as info:
+            call()
+        raised.append(info.value)
+
+    ro_store = make_store(auth=TokenAuth(model.Secret(read_only)))
+    capture(lambda: ro_store.write_published("team/app", key, model.Published(None, None)))
+    bad_store = make_store(auth=TokenAuth(model.Secret(invalid)))
+    capture(lambda: bad_store.write_published("team/app", key, model.Published(None, None)))
+    capture(bad_store.check)
+    root_store.write_published("team/app", key, model.Published(None, None))
+    capture(lambda: root_store.write_published("team/app", key, model.Published(None, None)))
+    down = make_store(
+        address=f"http://127.0.0.1:{servers.free_port()}", auth=TokenAuth(model.Secret(invalid))
+    )
+    capture(lambda: down.write_published("team/app", key, model.Published(None, None)))
+
+    # (the dev server's root token is the word "root": not a useful thing to search for)
+    secrets = [read_only, invalid, key.secret.reveal()]
+    assert len(raised) == 5
+    for exc in raised:
+        for link in exception_chain(exc):
+            for secret in secrets:
+                assert secret not in str(link), (type(link), str(link))
+                assert secret not in repr(link), (type(link), repr(link))
+    for store in (ro_store, bad_store, root_store):
+        for secret in secrets:
+            assert secret not in repr(store)
+    assert read_only not in repr(vault_adapter.TokenAuth(model.Secret(read_only)))
