@@ -1,0 +1,1255 @@
+"""rotator.config: loading, validation with key paths, durations, and secret files read at use."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from rotator import config, errors, model
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["ec2:Describe*"], "Resource": ["*"]}],
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("VAULT_ADDR", "VAULT_TOKEN", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def base() -> dict[str, Any]:
+    return {
+        "vault": {"address": "https://vault.example:8200"},
+        "targets": [{"name": "monitoring", "user": "watcher_1", "secret_path": "monitoring/w1"}],
+    }
+
+
+def second_target(**extra: Any) -> dict[str, Any]:
+    return {"name": "backup", "user": "backup_1", "secret_path": "backup/b1", **extra}
+
+
+def write(directory: Path, data: dict[str, Any] | str, name: str = "rotator.yaml") -> Path:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def load(directory: Path, data: dict[str, Any] | str) -> config.Settings:
+    return config.load(write(directory, data))
+
+
+def rejected(directory: Path, data: dict[str, Any] | str) -> errors.ConfigError:
+    with pytest.raises(errors.ConfigError) as info:
+        load(directory, data)
+    error = info.value
+    assert type(error) is errors.ConfigError
+    assert "\n" not in str(error)
+    assert error.__cause__ is None  # no chained pydantic/yaml traceback
+    return error
+
+
+def put(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts and lists, creating dicts on the way."""
+    node: Any = data
+    parts = [int(p) if p.isdigit() else p for p in dotted.split(".")]
+    for part in parts[:-1]:
+        node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def delete(data: dict[str, Any], dotted: str) -> None:
+    node: Any = data
+    parts = [int(p) if p.isdigit() else p for p in dotted.split(".")]
+    for part in parts[:-1]:
+        node = node[part]
+    del node[parts[-1]]
+
+
+def setting(*pairs: tuple[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def change(data: dict[str, Any]) -> None:
+        for dotted, value in pairs:
+            put(data, dotted, value)
+
+    return change
+
+
+def removing(dotted: str) -> Callable[[dict[str, Any]], None]:
+    return lambda data: delete(data, dotted)
+
+
+# --- the shipped examples --------------------------------------------------------------------
+
+
+def test_production_example_loads_with_the_seed_monitoring_target() -> None:
+    settings = config.load(REPO / "config" / "rotator.example.yaml")
+
+    assert settings.eim.provider == "outscale"
+    assert settings.eim.endpoint_url == "https://eim.eu-west-2.outscale.com"
+    assert settings.vault.address == "https://vault.example:8200"
+    (target,) = settings.targets
+    assert (target.name, target.user, target.group) == ("monitoring", "watcher_1", "monitoring")
+    assert target.secret_path == "monitoring/watcher_1"
+    assert target.policy is not None
+    assert target.policy.name == "monitoring"
+    assert target.policy.description == "Allow describe for every item"
+    assert target.policy.document_file == REPO / "config" / "policies" / "monitoring.json"
+    assert target.policy.document["Statement"][0]["Sid"] == "AllowDescribe"
+    assert target.timing == config.Timing()
+    assert settings.source == REPO / "config" / "rotator.example.yaml"
+
+
+def test_production_example_uses_systemd_credentials_left_unresolved_until_read() -> None:
+    settings = config.load(REPO / "config" / "rotator.example.yaml")
+
+    assert str(settings.eim.credentials_file) == "credential:eim-credentials"
+    assert str(settings.vault.auth.token_file) == "credential:vault-token"
+
+
+def test_demo_config_loads_with_shrunk_timings_and_local_servers() -> None:
+    settings = config.load(REPO / "config" / "demo.yaml")
+
+    assert settings.eim.endpoint_url == "http://127.0.0.1:5055"
+    assert settings.eim.region == "us-east-1"
+    demo = REPO / "config" / ".." / ".demo"
+    assert settings.eim.credentials_file == demo / "eim-credentials"
+    assert settings.vault.address == "http://127.0.0.1:8255"
+    assert settings.vault.auth.token_file == demo / "vault-token"
+    assert (settings.vault.mount, settings.vault.state_path) == ("secret", "rotator")
+    timing = settings.targets[0].timing
+    assert timing.check_interval == timedelta(seconds=5)
+    assert timing.max_age == timedelta(seconds=60)
+    assert timing.grace == timing.inactive_period == timedelta(seconds=20)
+    assert timing.verify_timeout == timedelta(seconds=30)
+    assert timing.identity_check_interval == timedelta(minutes=1)
+    assert settings.workers == 2
+    assert (settings.metrics.host, settings.metrics.port) == ("127.0.0.1", 9109)
+    assert settings.logging.level == "info"
+
+
+def test_seed_policy_file_is_the_monitoring_policy() -> None:
+    document = json.loads((REPO / "config" / "policies" / "monitoring.json").read_text())
+
+    assert document == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "AllowDescribe",
+                "Effect": "Allow",
+                "Action": ["ec2:Describe*", "elasticloadbalancing:Describe*"],
+                "Resource": ["*"],
+            }
+        ],
+    }
+
+
+# --- defaults --------------------------------------------------------------------------------
+
+
+def test_minimal_config_gets_every_default(tmp_path: Path) -> None:
+    settings = load(tmp_path, base())
+
+    assert settings.eim == config.EimSettings()
+    assert settings.eim.connect_timeout == timedelta(seconds=5)
+    assert settings.eim.read_timeout == timedelta(seconds=15)
+    assert settings.eim.max_attempts == 5
+    assert settings.eim.signing_name == "iam"
+    assert settings.eim.verify_action == "iam:GetUser"
+    assert settings.eim.credentials_file is None
+    assert settings.vault.auth.method == "token"
+    assert settings.vault.lock_ttl == timedelta(seconds=15)
+    assert settings.vault.timeout == timedelta(seconds=10)
+    assert settings.defaults == config.Timing(
+        check_interval=timedelta(minutes=5),
+        max_age=timedelta(days=30),
+        grace=timedelta(hours=24),
+        inactive_period=timedelta(days=3),
+        max_keys=2,
+        verify_timeout=timedelta(minutes=2),
+        identity_check_interval=timedelta(hours=1),
+        rotation_window=None,
+    )
+    assert settings.workers == 4
+    assert settings.metrics.listen == "0.0.0.0:9109"
+    assert settings.logging.format is None
+    assert settings.logging.level == "info"
+    assert settings.source == tmp_path / "rotator.yaml"
+
+
+def test_blocks_holding_only_comments_count_as_empty(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base()) + "eim:\n  # nothing yet\ndefaults:\nmetrics:\nlogging:\n"
+
+    settings = load(tmp_path, text)
+
+    assert settings.eim == config.EimSettings()
+    assert settings.defaults == config.Timing()
+
+
+def test_targets_inherit_defaults_and_override_them_one_key_at_a_time(tmp_path: Path) -> None:
+    data = base()
+    data["defaults"] = {"max_age": "10d", "rotation_window": "* 8-17 * * mon-fri"}
+    data["targets"][0]["max_age"] = "7d"
+    data["targets"][0]["max_keys"] = 3
+    data["targets"].append(second_target(grace="2h", rotation_window="0 3 * * *"))
+
+    settings = load(tmp_path, data)
+
+    first, second = settings.targets
+    assert first.timing.max_age == timedelta(days=7)
+    assert first.timing.max_keys == 3
+    assert first.timing.grace == timedelta(hours=24)  # built-in default, not overridden
+    assert first.timing.rotation_window == "* 8-17 * * mon-fri"
+    assert second.timing.max_age == timedelta(days=10)
+    assert second.timing.max_keys == 2
+    assert second.timing.grace == timedelta(hours=2)
+    assert second.timing.rotation_window == "0 3 * * *"
+    assert settings.defaults.max_age == timedelta(days=10)  # the defaults block is untouched
+    assert first.overrides == {"max_age": timedelta(days=7), "max_keys": 3}
+
+
+def test_target_built_by_hand_merges_its_overrides_with_the_builtin_defaults() -> None:
+    target = config.Target(name="t", user="u", secret_path="p", max_age=timedelta(days=7))
+
+    assert target.timing == config.Timing(max_age=timedelta(days=7))
+    assert target.with_defaults(config.Timing(grace=timedelta(hours=1))).timing.grace == timedelta(
+        hours=1
+    )
+
+
+# --- rejections, each naming its key ---------------------------------------------------------
+
+REJECTIONS: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
+    ("provider", setting(("eim.provider", "gcp")), "eim.provider", "'outscale' or 'aws'"),
+    ("region", setting(("eim.region", "EU WEST")), "eim.region", "region name"),
+    ("endpoint scheme", setting(("eim.endpoint", "ftp://eim.example")), "eim.endpoint", "https"),
+    ("endpoint no host", setting(("eim.endpoint", "https://")), "eim.endpoint", "invalid URL"),
+    ("endpoint port", setting(("eim.endpoint", "https://h:99999")), "eim.endpoint", "port"),
+    ("signing name", setting(("eim.signing_name", " ")), "eim.signing_name", "empty"),
+    ("attempts low", setting(("eim.max_attempts", 0)), "eim.max_attempts", "greater than"),
+    ("attempts high", setting(("eim.max_attempts", 21)), "eim.max_attempts", "less than"),
+    ("attempts text", setting(("eim.max_attempts", "5")), "eim.max_attempts", "whole number"),
+    ("verify", setting(("eim.verify_action", "iam:ListUsers")), "eim.verify_action", "GetUser"),
+    ("timeout", setting(("eim.read_timeout", 15)), "eim.read_timeout", "invalid duration '15'"),
+    ("cred path", setting(("eim.credentials_file", "")), "eim.credentials_file", "empty"),
+    ("vault address", setting(("vault.address", "vault:8200")), "vault.address", "invalid URL"),
+    ("auth method", setting(("vault.auth.method", "ldap")), "vault.auth.method", "'approle'"),
+    (
+        "approle block",
+        setting(("vault.auth.method", "approle")),
+        "vault.auth.approle",
+        "role_id and secret_id_file",
+    ),
+    (
+        "approle role",
+        setting(
+            ("vault.auth.method", "approle"), ("vault.auth.approle", {"secret_id_file": "sid"})
+        ),
+        "vault.auth.approle.role_id",
+        "missing",
+    ),
+    (
+        "k8s block",
+        setting(("vault.auth.method", "kubernetes")),
+        "vault.auth.kubernetes",
+        "kubernetes block",
+    ),
+    (
+        "credential ref",
+        setting(("vault.auth.token_file", "credential:../x")),
+        "vault.auth.token_file",
+        "credential:NAME",
+    ),
+    ("mount slash", setting(("vault.mount", "/secret")), "vault.mount", "leading and trailing"),
+    ("state path", setting(("vault.state_path", "a//b")), "vault.state_path", "segments"),
+    ("lock ttl", setting(("vault.lock_ttl", "0s")), "vault.lock_ttl", "greater than zero"),
+    ("vault block", setting(("vault", "https://v:8200")), "vault", "mapping of keys"),
+    (
+        "max keys",
+        setting(("defaults.max_keys", 1)),
+        "defaults.max_keys",
+        "one slot for the new key",
+    ),
+    ("target max keys", setting(("targets.0.max_keys", 1)), "targets[0].max_keys", "at least 2"),
+    (
+        "cron fields",
+        setting(("defaults.rotation_window", "0 8 * *")),
+        "defaults.rotation_window",
+        "5 fields",
+    ),
+    (
+        "cron name",
+        setting(("targets.0.rotation_window", "0 8 * * funday")),
+        "targets[0].rotation_window",
+        "cron",
+    ),
+    (
+        "cron chars",
+        setting(("defaults.rotation_window", "0 8 * * ?")),
+        "defaults.rotation_window",
+        "cron",
+    ),
+    ("name leading", setting(("targets.0.name", "-bad")), "targets[0].name", "invalid target name"),
+    ("name slash", setting(("targets.0.name", "a/b")), "targets[0].name", "Vault path segment"),
+    ("name long", setting(("targets.0.name", "a" * 64)), "targets[0].name", "1-63"),
+    ("name number", setting(("targets.0.name", 12)), "targets[0].name", "quote the value"),
+    ("user space", setting(("targets.0.user", "bad user")), "targets[0].user", "1-64"),
+    ("user long", setting(("targets.0.user", "u" * 65)), "targets[0].user", "invalid user name"),
+    ("user empty", setting(("targets.0.user", "")), "targets[0].user", "invalid user name"),
+    ("group", setting(("targets.0.group", "bad group")), "targets[0].group", "invalid group"),
+    ("path lead", setting(("targets.0.secret_path", "/a/b")), "targets[0].secret_path", "leading"),
+    (
+        "path trail",
+        setting(("targets.0.secret_path", "a/b/")),
+        "targets[0].secret_path",
+        "trailing",
+    ),
+    (
+        "path empty seg",
+        setting(("targets.0.secret_path", "a//b")),
+        "targets[0].secret_path",
+        "empty",
+    ),
+    ("path dotdot", setting(("targets.0.secret_path", "a/../b")), "targets[0].secret_path", "'..'"),
+    ("path query", setting(("targets.0.secret_path", "a?b")), "targets[0].secret_path", "'?'"),
+    ("path missing", removing("targets.0.secret_path"), "targets[0].secret_path", "missing"),
+    (
+        "inside state",
+        setting(("targets.0.secret_path", "rotator/monitoring")),
+        "targets[0].secret_path",
+        "vault.state_path",
+    ),
+    (
+        "policy no group",
+        setting(("targets.0.policy", {"name": "p", "document": POLICY})),
+        "targets[0].group",
+        "policy needs group",
+    ),
+    (
+        "policy both",
+        setting(
+            ("targets.0.group", "g"),
+            ("targets.0.policy", {"name": "p", "document": POLICY, "document_file": "p.json"}),
+        ),
+        "targets[0].policy.document",
+        "not both",
+    ),
+    (
+        "policy neither",
+        setting(("targets.0.group", "g"), ("targets.0.policy", {"name": "p"})),
+        "targets[0].policy",
+        "document_file",
+    ),
+    (
+        "policy name",
+        setting(
+            ("targets.0.group", "g"), ("targets.0.policy", {"name": "a b", "document": POLICY})
+        ),
+        "targets[0].policy.name",
+        "invalid policy name",
+    ),
+    (
+        "policy path",
+        setting(
+            ("targets.0.group", "g"),
+            ("targets.0.policy", {"name": "p", "path": "rotator", "document": POLICY}),
+        ),
+        "targets[0].policy.path",
+        "starting and ending with '/'",
+    ),
+    (
+        "no statement",
+        setting(
+            ("targets.0.group", "g"),
+            ("targets.0.policy", {"name": "p", "document": {"statement": []}}),
+        ),
+        "targets[0].policy.document",
+        "no Statement",
+    ),
+    (
+        "statement type",
+        setting(
+            ("targets.0.group", "g"),
+            ("targets.0.policy", {"name": "p", "document": {"Statement": "Allow"}}),
+        ),
+        "targets[0].policy.document",
+        "object or a non-empty list",
+    ),
+    (
+        "effect",
+        setting(
+            ("targets.0.group", "g"),
+            ("targets.0.policy", {"name": "p", "document": {"Statement": {"Action": "*"}}}),
+        ),
+        "targets[0].policy.document",
+        "Effect Allow or Deny",
+    ),
+    (
+        "too long",
+        setting(
+            ("targets.0.group", "g"),
+            (
+                "targets.0.policy",
+                {
+                    "name": "p",
+                    "document": {
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Action": [f"ec2:Describe{i:04}" for i in range(400)],
+                            }
+                        ]
+                    },
+                },
+            ),
+        ),
+        "targets[0].policy.document",
+        "at most 5120",
+    ),
+    ("no targets", setting(("targets", [])), "targets", "at least one target"),
+    ("targets missing", removing("targets"), "targets", "required key is missing"),
+    ("targets mapping", setting(("targets", {"name": "x"})), "targets", "expected a list"),
+    ("workers low", setting(("workers", 0)), "workers", "greater than or equal to 1"),
+    ("workers high", setting(("workers", 65)), "workers", "less than or equal to 64"),
+    ("log format", setting(("logging.format", "xml")), "logging.format", "'json' or 'console'"),
+    ("log level", setting(("logging.level", "verbose")), "logging.level", "'debug'"),
+    (
+        "verify timeout",
+        setting(
+            ("targets.0.max_age", "2m"),
+            ("targets.0.grace", "10s"),
+            ("targets.0.inactive_period", "10s"),
+        ),
+        "targets[0].verify_timeout",
+        "verify_timeout (2m) must be shorter than max_age (2m)",
+    ),
+    (
+        "check interval",
+        setting(
+            ("defaults.check_interval", "1d"),
+            ("defaults.max_age", "1d"),
+            ("defaults.grace", "1h"),
+            ("defaults.inactive_period", "1h"),
+        ),
+        "targets[0].check_interval",
+        "shorter than max_age",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "fragment"),
+    [case[1:] for case in REJECTIONS],
+    ids=[case[0] for case in REJECTIONS],
+)
+def test_invalid_value_is_rejected_naming_its_key_path(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], path: str, fragment: str
+) -> None:
+    data = base()
+    change(data)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == path
+    assert str(error).startswith(f"{path}: ")
+    assert fragment in error.message
+
+
+def test_slot_rule_with_two_keys_says_why_and_how_to_fix(tmp_path: Path) -> None:
+    data = base()
+    data["targets"][0]["max_age"] = "2d"  # grace 24h + inactive_period 3d inherited
+
+    error = rejected(tmp_path, data)
+
+    assert str(error) == (
+        "targets[0]: grace (1d) + inactive_period (3d) must be shorter than max_age (2d) with "
+        "max_keys 2, or the next rotation would find no free key slot; shorten grace or "
+        "inactive_period, lengthen max_age, or raise max_keys"
+    )
+
+
+def test_slot_rule_rejects_equality_too(tmp_path: Path) -> None:
+    data = base()
+    data["defaults"] = {"max_age": "4d", "grace": "1d", "inactive_period": "3d"}
+
+    assert rejected(tmp_path, data).path == "targets[0]"
+
+
+def test_slot_rule_with_more_keys_allows_max_keys_minus_one_rotations(tmp_path: Path) -> None:
+    data = base()
+    data["targets"][0].update(max_age="3d", max_keys=3)  # 1d + 3d: > max_age, < 2 x max_age
+    data["targets"].append(second_target(max_age="3d", max_keys=3, inactive_period="5d"))
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[1]"
+    assert "must be shorter than 2 x max_age (6d) with max_keys 3" in error.message
+    data["targets"].pop()
+    assert load(tmp_path, data).targets[0].timing.max_keys == 3
+
+
+def test_duplicate_target_names_are_rejected_at_the_second(tmp_path: Path) -> None:
+    data = base()
+    data["targets"].append(second_target(name="monitoring"))
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[1].name"
+    assert "targets[0]" in error.message
+
+
+def test_duplicate_users_are_rejected_ignoring_case(tmp_path: Path) -> None:
+    data = base()
+    data["targets"].append(second_target(user="Watcher_1"))
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[1].user"
+    assert "already managed by targets[0]" in error.message
+
+
+def test_duplicate_secret_paths_are_rejected(tmp_path: Path) -> None:
+    data = base()
+    data["targets"].append(second_target(secret_path="monitoring/w1"))
+
+    assert rejected(tmp_path, data).path == "targets[1].secret_path"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("document", {"Statement": [{"Effect": "Deny", "Action": "*", "Resource": "*"}]}),
+        ("description", "something else"),
+        ("path", "/other/"),
+    ],
+)
+def test_one_policy_name_with_two_definitions_is_rejected(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    data = base()
+    policy = {"name": "shared", "description": "d", "document": POLICY}
+    data["targets"][0].update(group="g", policy=policy)
+    data["targets"].append(second_target(group="g", policy={**policy, field: value}))
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[1].policy"
+    assert f"targets[0] with a different {field}" in error.message
+
+
+def test_one_policy_shared_by_two_targets_is_accepted(tmp_path: Path) -> None:
+    data = base()
+    policy = {"name": "shared", "document": POLICY}
+    data["targets"][0].update(group="g", policy=policy)
+    data["targets"].append(second_target(group="g", policy=copy.deepcopy(policy)))
+
+    settings = load(tmp_path, data)
+
+    assert settings.targets[0].policy == settings.targets[1].policy
+
+
+# --- unknown keys ----------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_is_named_with_the_valid_keys(tmp_path: Path) -> None:
+    data = base()
+    data["wokers"] = 3
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "wokers"
+    assert error.message.startswith("unknown key 'wokers' (did you mean 'workers'?)")
+    assert "valid keys here: eim, vault, defaults, targets, workers, metrics, logging" in str(error)
+    assert "source" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("dotted", "path", "suggestion"),
+    [
+        ("vault.auth.tokenfile", "vault.auth.tokenfile", "token_file"),
+        ("targets.0.maxage", "targets[0].maxage", "max_age"),
+        ("eim.endpoint_url", "eim.endpoint_url", "endpoint"),
+    ],
+)
+def test_unknown_nested_key_is_named_with_a_suggestion(
+    tmp_path: Path, dotted: str, path: str, suggestion: str
+) -> None:
+    data = base()
+    put(data, dotted, "x")
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == path
+    assert f"did you mean '{suggestion}'?" in error.message
+
+
+def test_source_is_not_a_yaml_key(tmp_path: Path) -> None:
+    data = base()
+    data["source"] = "/elsewhere.yaml"
+
+    error = rejected(tmp_path, data)
+
+    assert (error.path, error.message.split(";")[0]) == ("source", "unknown key 'source'")
+
+
+# --- file-level problems ---------------------------------------------------------------------
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "rotator.yaml"
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.load(missing)
+
+    assert str(missing) in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+def test_yaml_syntax_error_gives_its_line(tmp_path: Path) -> None:
+    text = "vault:\n  address: https://v:8200\ntargets: [\n  - name: x\n"
+
+    error = rejected(tmp_path, text)
+
+    assert "not valid YAML at line" in str(error)
+    assert str(tmp_path / "rotator.yaml") in str(error)
+
+
+def test_a_key_given_twice_is_rejected_with_both_lines(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base()) + "defaults:\n  grace: 1h\n  grace: 2h\n"
+
+    error = rejected(tmp_path, text)
+
+    assert "'grace' appears twice" in error.message
+    lines = text.splitlines()
+    first = lines.index("  grace: 1h") + 1
+    assert f"first on line {first}" in error.message
+    assert f"line {first + 1}," in error.message
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "vault: {address: 'https://v:8200'}\n"
+        "targets:\n"
+        "  - &first {name: a, user: u1, secret_path: a/b, max_age: 7d}\n"
+        "  - <<: *first\n    name: b\n    user: u2\n    secret_path: c/d\n"
+    )
+
+    first, second = load(tmp_path, text).targets
+
+    assert (second.name, second.user, second.secret_path) == ("b", "u2", "c/d")
+    assert second.timing.max_age == first.timing.max_age == timedelta(days=7)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("", "is empty"), ("# only a comment\n", "is empty"), ("- a\n- b\n", "must hold a mapping")],
+)
+def test_config_file_that_is_not_a_mapping_is_rejected(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    assert fragment in rejected(tmp_path, text).message
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
+    text = "workers: !!python/object/apply:os.system ['true']\n"
+
+    assert "not valid YAML" in rejected(tmp_path, text).message
+
+
+# --- durations -------------------------------------------------------------------------------
+
+
+GOOD_DURATIONS = [
+    ("500ms", timedelta(milliseconds=500)),
+    ("90s", timedelta(seconds=90)),
+    ("15m", timedelta(minutes=15)),
+    ("24h", timedelta(hours=24)),
+    ("30d", timedelta(days=30)),
+    ("4w", timedelta(weeks=4)),
+    ("1h30m", timedelta(hours=1, minutes=30)),
+    ("1w2d3h4m5s6ms", timedelta(weeks=1, days=2, hours=3, minutes=4, seconds=5, milliseconds=6)),
+    ("1s500ms", timedelta(seconds=1, milliseconds=500)),
+    (" 5m ", timedelta(minutes=5)),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), GOOD_DURATIONS)
+def test_duration_text_parses(text: str, expected: timedelta) -> None:
+    assert config.parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "90", "1.5h", "h", "5x", "30m1h", "1h1h", "-5m", "5 m", "1H", "ms", "1hour"]
+)
+def test_bad_duration_text_is_rejected_with_the_hint(text: str) -> None:
+    with pytest.raises(ValueError, match="use a number with a unit") as info:
+        config.parse_duration(text)
+
+    assert f"invalid duration '{text}'" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["0s", "0ms", "0d0h"])
+def test_zero_duration_is_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="must be greater than zero"):
+        config.parse_duration(text)
+
+
+def test_bare_number_in_yaml_is_rejected_with_the_exact_hint(tmp_path: Path) -> None:
+    data = base()
+    data["defaults"] = {"grace": 90}
+
+    error = rejected(tmp_path, data)
+
+    assert str(error) == (
+        "defaults.grace: invalid duration '90': use a number with a unit (ms, s, m, h, d, w), "
+        "for example 90s or 1h30m"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (timedelta(seconds=5400), "1h30m"),
+        (timedelta(hours=24), "1d"),
+        (timedelta(seconds=90), "1m30s"),
+        (timedelta(milliseconds=500), "500ms"),
+        (timedelta(days=30), "30d"),
+        (timedelta(weeks=4), "28d"),
+        (timedelta(days=1, milliseconds=1), "1d1ms"),
+        (timedelta(0), "0s"),
+        (timedelta(minutes=-5), "-5m"),
+    ],
+)
+def test_duration_formats_canonically(value: timedelta, text: str) -> None:
+    assert config.format_duration(value) == text
+
+
+@pytest.mark.parametrize(("text", "expected"), GOOD_DURATIONS)
+def test_formatted_duration_parses_back_to_the_same_value(text: str, expected: timedelta) -> None:
+    assert config.parse_duration(config.format_duration(expected)) == expected
+
+
+def test_durations_serialise_as_their_canonical_text(tmp_path: Path) -> None:
+    dumped = load(tmp_path, base()).defaults.model_dump(mode="json")
+
+    assert dumped["max_age"] == "30d"
+    assert dumped["check_interval"] == "5m"
+
+
+# --- policy documents ------------------------------------------------------------------------
+
+
+def test_relative_document_file_is_resolved_against_the_config_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = tmp_path / "etc" / "rotator"
+    (config_dir / "policies").mkdir(parents=True)
+    (config_dir / "policies" / "p.json").write_text(json.dumps(POLICY))
+    data = base()
+    data["targets"][0].update(group="g", policy={"name": "p", "document_file": "policies/p.json"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    settings = config.load(write(config_dir, data))
+
+    policy = settings.targets[0].policy
+    assert policy is not None
+    assert policy.document_file == config_dir / "policies" / "p.json"
+    assert policy.document == POLICY
+
+
+def test_inline_document_is_used_as_given(tmp_path: Path) -> None:
+    data = base()
+    single = {"Statement": {"Effect": "Allow", "NotAction": "iam:*"}}
+    data["targets"][0].update(group="g", policy={"name": "p", "document": single})
+
+    policy = load(tmp_path, data).targets[0].policy
+
+    assert policy is not None
+    assert policy.document == single
+    assert policy.document_file is None
+    assert policy.canonical_document() == json.dumps(single, sort_keys=True, separators=(",", ":"))
+
+
+def test_missing_policy_file_is_named_with_its_absolute_path(tmp_path: Path) -> None:
+    data = base()
+    data["targets"][0].update(group="g", policy={"name": "p", "document_file": "nope.json"})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document_file"
+    assert str(tmp_path / "nope.json") in error.message
+    assert "relative to the config file's directory" in error.message
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"Statement": [}', "not valid JSON: Expecting value at line 1, column 16"),
+        ('{"Statement": [], "x": NaN}', "not valid JSON"),
+        ('[{"Statement": []}]', "must hold a JSON object"),
+        ('{"Version": "2012-10-17"}', "no Statement"),
+    ],
+)
+def test_invalid_policy_file_is_rejected(tmp_path: Path, content: str, fragment: str) -> None:
+    (tmp_path / "p.json").write_text(content)
+    data = base()
+    data["targets"][0].update(group="g", policy={"name": "p", "document_file": "p.json"})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document_file"
+    assert fragment in error.message
+
+
+def test_unquoted_date_in_an_inline_document_asks_for_quotes(tmp_path: Path) -> None:
+    text = (
+        "vault: {address: 'https://v:8200'}\n"
+        "targets:\n"
+        "  - name: t\n    user: u\n    secret_path: a/b\n    group: g\n"
+        "    policy:\n      name: p\n      document:\n        Version: 2012-10-17\n"
+        "        Statement: [{Effect: Allow, Action: '*'}]\n"
+    )
+
+    error = rejected(tmp_path, text)
+
+    assert error.path == "targets[0].policy.document"
+    assert "Version is a date in YAML: quote it" in error.message
+
+
+def test_document_of_exactly_the_eim_limit_is_accepted(tmp_path: Path) -> None:
+    document: dict[str, Any] = {"Statement": [{"Effect": "Allow", "Action": ""}]}
+    padding = config.POLICY_MAX_CHARS - len(json.dumps(document, separators=(",", ":")))
+    document["Statement"][0]["Action"] = "a" * padding
+    data = base()
+    data["targets"][0].update(group="g", policy={"name": "p", "document": document})
+
+    assert load(tmp_path, data).targets[0].policy is not None
+    document["Statement"][0]["Action"] += "a"
+    assert "at most 5120" in rejected(tmp_path, data).message
+
+
+# --- endpoint, listen, Vault address ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("eim", "expected"),
+    [
+        ({}, "https://eim.eu-west-2.outscale.com"),
+        ({"region": "cloudgouv-eu-west-1"}, "https://eim.cloudgouv-eu-west-1.outscale.com"),
+        ({"endpoint": "http://127.0.0.1:5055"}, "http://127.0.0.1:5055"),
+        ({"provider": "aws"}, None),
+        ({"provider": "aws", "endpoint": "https://iam.example"}, "https://iam.example"),
+    ],
+)
+def test_eim_endpoint_is_derived_from_provider_and_region(
+    tmp_path: Path, eim: dict[str, Any], expected: str | None
+) -> None:
+    data = base()
+    data["eim"] = eim
+
+    assert load(tmp_path, data).eim.endpoint_url == expected
+
+
+def test_url_with_credentials_is_rejected_without_echoing_them(tmp_path: Path) -> None:
+    data = base()
+    data["vault"]["address"] = "https://admin:hunter2-password@vault.example"
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "vault.address"
+    assert "hunter2" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("0.0.0.0:9109", "0.0.0.0", 9109),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+        ("[::1]:9109", "::1", 9109),
+        ("[::]:65535", "::", 65535),
+        ("localhost:9109", "localhost", 9109),
+        ("metrics.internal.example:80", "metrics.internal.example", 80),
+    ],
+)
+def test_listen_address_is_parsed_into_host_and_port(
+    tmp_path: Path, listen: str, host: str, port: int
+) -> None:
+    data = base()
+    data["metrics"] = {"listen": listen}
+
+    metrics = load(tmp_path, data).metrics
+
+    assert (metrics.host, metrics.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "9109",
+        "::1:9109",
+        ":9109",
+        "host:65536",
+        "host:port",
+        "host:",
+        "[::1]9109",
+        "[x]:80",
+        "a_b:80",
+    ],
+)
+def test_bad_listen_address_is_rejected(tmp_path: Path, listen: str) -> None:
+    data = base()
+    data["metrics"] = {"listen": listen}
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "metrics.listen"
+    assert f"invalid listen address '{listen}'" in error.message
+
+
+def test_vault_address_falls_back_to_vault_addr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULT_ADDR", "https://from-env:8200")
+    data = base()
+    del data["vault"]
+
+    assert load(tmp_path, data).vault.address == "https://from-env:8200"
+
+
+def test_vault_address_in_the_file_wins_over_vault_addr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULT_ADDR", "https://from-env:8200")
+
+    assert load(tmp_path, base()).vault.address == "https://vault.example:8200"
+
+
+def test_no_vault_address_anywhere_is_rejected(tmp_path: Path) -> None:
+    data = base()
+    data["vault"] = {"mount": "kv"}
+
+    error = rejected(tmp_path, data)
+
+    assert str(error) == "vault.address: no Vault address: set vault.address or VAULT_ADDR"
+
+
+def test_invalid_vault_addr_says_where_it_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULT_ADDR", "vault:8200")
+    data = base()
+    data["vault"] = {}
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "vault.address"
+    assert "(taken from VAULT_ADDR)" in error.message
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+def test_relative_file_settings_are_stored_absolute_against_the_config_directory(
+    tmp_path: Path,
+) -> None:
+    data = base()
+    data["eim"] = {"credentials_file": "secrets/eim"}
+    data["vault"].update(
+        ca_file="ca.pem",
+        auth={
+            "method": "approle",
+            "token_file": "tok",
+            "approle": {"role_id": "r", "secret_id_file": "sid"},
+            "kubernetes": {"role": "k", "token_file": "k8s-token"},
+        },
+    )
+    config_dir = tmp_path / "conf"
+
+    settings = config.load(write(config_dir, data))
+
+    auth = settings.vault.auth
+    assert auth.approle is not None
+    assert auth.kubernetes is not None
+    assert settings.eim.credentials_file == config_dir / "secrets" / "eim"
+    assert settings.vault.ca_file == config_dir / "ca.pem"
+    assert auth.token_file == config_dir / "tok"
+    assert auth.approle.secret_id_file == config_dir / "sid"
+    assert auth.approle.mount == "approle"
+    assert auth.kubernetes.token_file == config_dir / "k8s-token"
+
+
+def test_kubernetes_auth_defaults_to_the_service_account_token(tmp_path: Path) -> None:
+    data = base()
+    data["vault"]["auth"] = {"method": "kubernetes", "kubernetes": {"role": "rotator"}}
+
+    kubernetes = load(tmp_path, data).vault.auth.kubernetes
+
+    assert kubernetes is not None
+    assert kubernetes.token_file == Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    assert kubernetes.mount == "kubernetes"
+
+
+# --- secret files read at use time -----------------------------------------------------------
+
+
+def eim_settings(tmp_path: Path, content: str | None) -> config.EimSettings:
+    data = base()
+    data["eim"] = {"credentials_file": "eim-credentials"}
+    if content is not None:
+        (tmp_path / "eim-credentials").write_text(content)
+    return load(tmp_path, data).eim
+
+
+def test_eim_credentials_file_is_parsed_like_the_aws_shared_file(tmp_path: Path) -> None:
+    content = (
+        "# rotator's own key\n[default]\naws_access_key_id = AKIAEXAMPLE\n"
+        f"; another comment\naws_secret_access_key={SECRET}  \nregion = eu-west-2\n"
+    )
+
+    credentials = config.read_eim_credentials(eim_settings(tmp_path, content))
+
+    assert credentials is not None
+    key_id, secret = credentials
+    assert key_id == "AKIAEXAMPLE"
+    assert secret.reveal() == SECRET
+    assert SECRET not in repr(credentials)
+
+
+def test_eim_credentials_file_is_read_at_use_not_at_load(tmp_path: Path) -> None:
+    settings = eim_settings(tmp_path, None)  # loads although the file does not exist yet
+    (tmp_path / "eim-credentials").write_text(
+        f"aws_access_key_id = AKIA1\naws_secret_access_key = {SECRET}\n"
+    )
+
+    assert config.read_eim_credentials(settings) is not None
+    (tmp_path / "eim-credentials").write_text(
+        "aws_access_key_id = AKIA2\naws_secret_access_key = rotated-secret-value\n"
+    )
+    credentials = config.read_eim_credentials(settings)
+    assert credentials is not None
+    assert credentials[0] == "AKIA2"
+
+
+def test_no_credentials_file_means_the_standard_boto3_chain(tmp_path: Path) -> None:
+    assert config.read_eim_credentials(load(tmp_path, base()).eim) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (f"aws_secret_access_key = {SECRET}\n", "has no aws_access_key_id"),
+        ("aws_access_key_id = AKIA1\n", "has no aws_secret_access_key"),
+        ("aws_access_key_id = AKIA1\naws_secret_access_key =\n", "has no aws_secret_access_key"),
+        ("aws_access_key_id = A\naws_access_key_id = B\n", "aws_access_key_id appears twice"),
+        (f"aws_access_key_id = AKIA1\naws_secret_access_key: {SECRET}\n", "line 2 of"),
+        (f"aws_access_key_id = AKIA1\n{SECRET}\n", "is not 'name = value'"),
+    ],
+)
+def test_bad_eim_credentials_file_is_named_without_showing_the_secret(
+    tmp_path: Path, content: str, fragment: str
+) -> None:
+    settings = eim_settings(tmp_path, content)
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_eim_credentials(settings)
+
+    assert info.value.path == "eim.credentials_file"
+    assert fragment in info.value.message
+    assert SECRET not in str(info.value)
+    assert SECRET not in repr(info.value)
+
+
+def test_missing_eim_credentials_file_is_named(tmp_path: Path) -> None:
+    settings = eim_settings(tmp_path, None)
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_eim_credentials(settings)
+
+    assert info.value.path == "eim.credentials_file"
+    assert str(tmp_path / "eim-credentials") in info.value.message
+
+
+def vault_settings(tmp_path: Path, **auth: Any) -> config.VaultSettings:
+    data = base()
+    data["vault"]["auth"] = auth
+    return load(tmp_path, data).vault
+
+
+def test_vault_token_comes_from_vault_token_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text("hvs.from-the-file-0001\n")
+    settings = vault_settings(tmp_path, token_file="token")
+
+    assert config.read_vault_token(settings).reveal() == "hvs.from-the-file-0001"
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.from-the-environment")
+    assert config.read_vault_token(settings).reveal() == "hvs.from-the-environment"
+
+
+def test_no_vault_token_anywhere_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_vault_token(vault_settings(tmp_path))
+
+    assert str(info.value) == (
+        "vault.auth.token_file: no Vault token: set VAULT_TOKEN or vault.auth.token_file"
+    )
+
+
+def test_vault_token_is_not_read_for_login_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.ignored")
+    settings = vault_settings(
+        tmp_path, method="approle", approle={"role_id": "r", "secret_id_file": "sid"}
+    )
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_vault_token(settings)
+
+    assert info.value.path == "vault.auth.method"
+
+
+def test_empty_secret_file_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("  \n")
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_secret_file(tmp_path / "token", "vault.auth.token_file")
+
+    assert info.value.path == "vault.auth.token_file"
+    assert "is empty" in info.value.message
+
+
+def test_secret_file_that_is_not_text_is_rejected_without_its_bytes(tmp_path: Path) -> None:
+    (tmp_path / "token").write_bytes(b"\xffsecret-bytes-here")
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_secret_file(tmp_path / "token", "vault.auth.approle.secret_id_file")
+
+    assert "not UTF-8" in info.value.message
+    assert "secret-bytes" not in str(info.value)
+
+
+def test_credential_prefix_reads_from_the_systemd_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = tmp_path / "run" / "credentials"
+    credentials.mkdir(parents=True)
+    (credentials / "vault-token").write_text("hvs.systemd-credential\n")
+    (credentials / "eim-credentials").write_text(
+        f"aws_access_key_id = AKIASYSTEMD\naws_secret_access_key = {SECRET}\n"
+    )
+    data = base()
+    data["eim"] = {"credentials_file": "credential:eim-credentials"}
+    data["vault"]["auth"] = {"token_file": "credential:vault-token"}
+    settings = load(tmp_path, data)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    assert config.read_vault_token(settings.vault).reveal() == "hvs.systemd-credential"
+    eim = config.read_eim_credentials(settings.eim)
+    assert eim is not None
+    assert eim[0] == "AKIASYSTEMD"
+    assert config.resolve_file("credential:ca.pem", "vault.ca_file") == credentials / "ca.pem"
+
+
+def test_credential_prefix_without_credentials_directory_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    settings = vault_settings(tmp_path, token_file="credential:vault-token")
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_vault_token(settings)
+
+    assert info.value.path == "vault.auth.token_file"
+    assert "CREDENTIALS_DIRECTORY is not set" in info.value.message
+    assert "LoadCredential=vault-token:" in info.value.message
+
+
+def test_document_file_may_be_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "policy").write_text(json.dumps(POLICY))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    data = base()
+    data["targets"][0].update(group="g", policy={"name": "p", "document_file": "credential:policy"})
+
+    policy = load(tmp_path, data).targets[0].policy
+
+    assert policy is not None
+    assert policy.document == POLICY
+
+
+# --- immutability and secrecy ----------------------------------------------------------------
+
+
+def test_settings_are_frozen_all_the_way_down(tmp_path: Path) -> None:
+    settings = load(tmp_path, base())
+
+    with pytest.raises(pydantic.ValidationError):
+        settings.workers = 8
+    with pytest.raises(pydantic.ValidationError):
+        settings.defaults.max_age = timedelta(days=1)
+    with pytest.raises(pydantic.ValidationError):
+        settings.targets[0].name = "other"
+    assert isinstance(settings.targets, tuple)
+    assert hash(settings) == hash(load(tmp_path, base()))
+
+
+def test_settings_built_from_target_objects_do_not_alter_them() -> None:
+    target = config.Target(name="t", user="u", secret_path="p")
+
+    settings = config.Settings(
+        vault=config.VaultSettings(address="https://v:8200"),
+        defaults=config.Timing(grace=timedelta(hours=1)),
+        targets=(target,),
+        source=Path("/etc/rotator/rotator.yaml"),
+    )
+
+    assert settings.targets[0].timing.grace == timedelta(hours=1)
+    assert target.timing.grace == timedelta(hours=24)
+
+
+def test_repr_of_settings_never_holds_a_secret_read_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text(SECRET)
+    (tmp_path / "eim").write_text(f"aws_access_key_id = AKIA1\naws_secret_access_key = {SECRET}\n")
+    data = base()
+    data["eim"] = {"credentials_file": "eim"}
+    data["vault"]["auth"] = {"token_file": "token"}
+    settings = load(tmp_path, data)
+
+    token = config.read_vault_token(settings.vault)
+    credentials = config.read_eim_credentials(settings.eim)
+
+    assert token.reveal() == SECRET
+    assert credentials is not None
+    for text in (repr(settings), str(settings), repr(token), repr(credentials)):
+        assert SECRET not in text
+    assert SECRET in model.Secret.known_values()
+
+
+def test_config_module_imports_no_client_library() -> None:
+    source = Path(config.__file__).read_text()
+
+    for library in ("boto3", "botocore", "hvac", "apscheduler", "prometheus_client"):
+        assert f"import {library}" not in source
+        assert f"from {library}" not in source
+
+
+def test_format_key_path_writes_indexes_in_brackets() -> None:
+    assert config.format_key_path(("targets", 0, "policy", "name")) == "targets[0].policy.name"
+    assert config.format_key_path(()) == ""
