@@ -542,3 +542,10 @@ class EimIdentity:
         finally:
             client.close()
         return model.VerifyResult(model.VerifyOutcome.VALID)
+
+
+if TYPE_CHECKING:
+    # mypy proves here that EimIdentity satisfies the port, method by method.
+    from rotator import ports
+
+    _PORT_CHECK: type[ports.Identity] = EimIdentity
