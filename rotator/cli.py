@@ -1,0 +1,242 @@
+"""Command line: argument parsing, output and exit codes; nothing else.
+
+Exit codes: 0 success; 1 a target failed, is blocked, or a command could not do its job;
+2 usage or configuration error (always one line naming the offending key, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import rotator
+from rotator import config, daemon, engine, errors, log, model
+
+DEFAULT_CONFIG = "/etc/rotator/rotator.yaml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=None,
+        help=f"config file (default: $ROTATOR_CONFIG, then {DEFAULT_CONFIG})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="rotator",
+        description=(
+            "Keeps OUTSCALE EIM (IAM) access keys short-lived: ensures the user, group and "
+            "policy, rotates the user's key on schedule, verifies it, publishes it to Vault, "
+            "and retires the old key through a grace period, Inactive, then deletion."
+        ),
+        epilog="Exit codes: 0 ok, 1 a target failed or is blocked, 2 usage or config error.",
+    )
+    parser.add_argument("--version", action="version", version=f"rotator {rotator.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the daemon (or one pass with --once)")
+    run.add_argument("--once", action="store_true", help="one pass over every target, then exit")
+    run.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    rotate = sub.add_parser("rotate", parents=[common], help="rotate targets now, whatever age")
+    rotate.add_argument("targets", nargs="+", metavar="TARGET")
+    rotate.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    status = sub.add_parser("status", parents=[common], help="show each target's keys and state")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("check-config", parents=[common], help="validate the config, touch nothing")
+
+    adopt = sub.add_parser(
+        "adopt", parents=[common], help="hand a foreign key to rotator, which then retires it"
+    )
+    adopt.add_argument("target", metavar="TARGET")
+    adopt.add_argument("key_id", metavar="KEY_ID")
+    adopt.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = args.config or os.environ.get("ROTATOR_CONFIG") or DEFAULT_CONFIG
+    try:
+        settings = config.load(path)
+        log.configure(format=settings.logging.format, level=settings.logging.level)
+        specs = daemon.target_specs(settings)  # also compiles the rotation windows
+        command = args.command
+        if command == "check-config":
+            names = ", ".join(s.name for s in specs)
+            print(f"{path}: OK, {len(specs)} target(s): {names}")
+            return EXIT_OK
+        if command == "run" and not args.once and not args.dry_run:
+            return daemon.Daemon(path, settings).run()
+        dry_run = bool(getattr(args, "dry_run", False))
+        runtime = daemon.build_runtime(settings, daemon.SystemClock(), dry_run=dry_run)
+        if command == "run":
+            return _passes(runtime, list(runtime.specs), force=False)
+        if command == "rotate":
+            _check_targets(args.targets, runtime)
+            return _passes(runtime, args.targets, force=True)
+        if command == "status":
+            return _status(runtime, as_json=args.json)
+        if command == "adopt":
+            _check_targets([args.target], runtime)
+            print(runtime.engine.adopt(runtime.specs[args.target], args.key_id))
+            return EXIT_OK
+    except errors.ConfigError as exc:
+        print(f"rotator: config error: {log.redact(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.RotatorError as exc:
+        print(f"rotator: {log.redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    raise AssertionError(f"unhandled command {args.command}")  # argparse limits the choices
+
+
+def _check_targets(names: Sequence[str], runtime: daemon.Runtime) -> None:
+    unknown = [n for n in names if n not in runtime.specs]
+    if unknown:
+        known = ", ".join(runtime.specs) or "none"
+        raise errors.ConfigError(
+            "targets", f"unknown target {', '.join(unknown)}: configured targets are {known}"
+        )
+
+
+def _passes(runtime: daemon.Runtime, names: list[str], *, force: bool) -> int:
+    reports = daemon.run_passes(runtime, names, force=force)
+    for report in reports:
+        print(_summary(report))
+        if report.dry_run:
+            for action in report.actions or ("nothing to do",):
+                print(f"  - {action}")
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _summary(report: model.PassReport) -> str:
+    if report.dry_run:
+        verdict = "plan"
+    elif report.blocked:
+        verdict = f"BLOCKED: {report.blocked_reason}"
+    elif not report.ok:
+        verdict = f"FAILED: {report.error}"
+    elif report.rotated:
+        verdict = f"rotated, published {report.published_key_id}"
+    else:
+        verdict = f"ok, published {report.published_key_id or '-'}"
+    return f"{report.target}: {verdict}"
+
+
+def _age(delta: timedelta | None) -> str:
+    """A short human duration: 3d4h, 5h12m, 4m30s, 12s (negative: overdue)."""
+    if delta is None:
+        return "-"
+    seconds = int(delta.total_seconds())
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (unit, size) in enumerate(units[:-1]):
+        if seconds >= size:
+            small_unit, small_size = units[index + 1]
+            rest = (seconds % size) // small_size
+            return f"{sign}{seconds // size}{unit}" + (f"{rest}{small_unit}" if rest else "")
+    return f"{sign}{seconds}s"
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else model.format_time(value)
+
+
+def _status(runtime: daemon.Runtime, *, as_json: bool) -> int:
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    failed = False
+    for spec in runtime.specs.values():
+        try:
+            view = runtime.engine.status(spec)
+        except errors.RotatorError as exc:
+            failed = True
+            rows.append({"target": spec.name, "error": log.redact(str(exc))})
+            continue
+        failed = failed or view.blocked is not None or view.last_error is not None
+        rows.append(_status_row(view, now))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _status_row(view: engine.StatusView, now: datetime) -> dict[str, Any]:
+    return {
+        "target": view.target,
+        "user": view.user,
+        "secret_path": view.secret_path,
+        "published_key_id": view.published_key_id,
+        "current_key_id": view.current_key_id,
+        "current_key_age_seconds": None
+        if view.current_created is None
+        else int((now - view.current_created).total_seconds()),
+        "next_due": _time(view.next_due),
+        "due_now": view.due_reason,
+        "pending_key_id": view.pending_key_id,
+        "retiring": [
+            {"key_id": key_id, "phase": phase, "until": _time(until)}
+            for key_id, phase, until in view.retiring
+        ],
+        "foreign_keys": list(view.foreign),
+        "keys": [
+            {"key_id": k.key_id, "status": k.status.value, "created": _time(k.created)}
+            for k in view.keys
+        ],
+        "blocked": view.blocked,
+        "last_error": view.last_error,
+        "last_rotation_at": _time(view.last_rotation_at),
+        "failures": view.failures,
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = ("TARGET", "CURRENT KEY", "AGE", "NEXT DUE", "RETIRING", "PENDING", "FOREIGN", "PROBLEM")
+    lines = [header]
+    now = datetime.now(UTC)
+    for row in rows:
+        if "error" in row:
+            lines.append((row["target"], "-", "-", "-", "-", "-", "-", row["error"]))
+            continue
+        age = row["current_key_age_seconds"]
+        due = row["next_due"]
+        retiring = ", ".join(
+            f"{r['key_id']} ({r['phase']}"
+            + (f" until {r['until']}" if r["until"] else "")
+            + ")"
+            for r in row["retiring"]
+        )
+        lines.append(
+            (
+                row["target"],
+                row["current_key_id"] or "-",
+                "-" if age is None else _age(timedelta(seconds=age)),
+                "now" if row["due_now"] else (
+                    "-" if due is None else f"in {_age(model.parse_time(due) - now)}"
+                ),
+                retiring or "-",
+                row["pending_key_id"] or "-",
+                ", ".join(row["foreign_keys"]) or "-",
+                row["blocked"] or row["last_error"] or "-",
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(line[:-1], widths, strict=True))
+        + "  "
+        + str(line[-1])
+        for line in lines
+    )

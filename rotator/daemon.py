@@ -1,0 +1,377 @@
+"""The long-running process: wiring, scheduling, signals, reload, health.
+
+It turns settings into adapters and target specs, runs one APScheduler job per target at
+``check_interval`` (with jitter; the first pass at start), serves /metrics, /healthz and
+/readyz, finishes the step in flight on SIGTERM/SIGINT and reloads the config on SIGHUP
+(keeping the old one if the new one is invalid). The only importer of apscheduler.
+
+This is one of the two places that catch broadly (per job): a failing job is logged with its
+traceback, counted, and the other targets go on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor as JobThreadPool
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+import rotator
+from rotator import config, engine, errors, identity, log, metrics, model, rotation
+from rotator.adapters import eim, vault
+
+logger = structlog.get_logger("rotator.daemon")
+
+HEARTBEAT_SECONDS = 5.0
+HEALTHY_WITHIN_SECONDS = 30.0
+
+
+class SystemClock:
+    """Real time; ``wait`` returns early, with True, once a stop is requested."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self._stop = stop or threading.Event()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def wait(self, seconds: float) -> bool:
+        if seconds <= 0:
+            return self._stop.is_set()
+        return self._stop.wait(seconds)
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+
+def rotation_window(expression: str | None, key_path: str) -> Callable[[datetime], bool] | None:
+    """Compile a cron expression (UTC) into "may a key be created at this minute?"."""
+    if expression is None:
+        return None
+    try:
+        trigger = CronTrigger.from_crontab(expression, timezone=UTC)
+    except ValueError as exc:
+        raise errors.ConfigError(
+            key_path, f"invalid cron expression {expression!r}: {exc}"
+        ) from None
+
+    def window_open(now: datetime) -> bool:
+        minute = now.astimezone(UTC).replace(second=0, microsecond=0)
+        fire = trigger.get_next_fire_time(None, minute)
+        return fire is not None and fire <= minute
+
+    return window_open
+
+
+def target_specs(settings: config.Settings) -> list[engine.TargetSpec]:
+    """The engine's view of every configured target (also validates the cron windows)."""
+    specs = []
+    for index, target in enumerate(settings.targets):
+        timing = target.timing
+        desired = None
+        if target.group is not None:
+            desired = identity.Desired(
+                user=target.user,
+                group=target.group,
+                policy=None
+                if target.policy is None
+                else identity.WantedPolicy(
+                    name=target.policy.name,
+                    document=target.policy.document,
+                    description=target.policy.description,
+                ),
+            )
+        specs.append(
+            engine.TargetSpec(
+                name=target.name,
+                user=target.user,
+                secret_path=target.secret_path,
+                policy=rotation.Policy(
+                    max_age=timing.max_age,
+                    grace=timing.grace,
+                    inactive_period=timing.inactive_period,
+                    check_interval=timing.check_interval,
+                    max_keys=timing.max_keys,
+                    verify_timeout=timing.verify_timeout,
+                ),
+                desired=desired,
+                identity_check_interval=timing.identity_check_interval,
+                window_open=rotation_window(
+                    timing.rotation_window, f"targets[{index}].rotation_window"
+                ),
+            )
+        )
+    return specs
+
+
+def build_identity(settings: config.EimSettings) -> eim.EimIdentity:
+    return eim.EimIdentity(
+        region=settings.region,
+        endpoint_url=settings.endpoint_url,
+        credentials=config.read_eim_credentials(settings),
+        signing_name=settings.signing_name,
+        connect_timeout=settings.connect_timeout.total_seconds(),
+        read_timeout=settings.read_timeout.total_seconds(),
+        max_attempts=settings.max_attempts,
+        verify_action=settings.verify_action,
+    )
+
+
+def build_store(settings: config.VaultSettings) -> vault.VaultStore:
+    auth_settings = settings.auth
+    auth: vault.TokenAuth | vault.AppRoleAuth | vault.KubernetesAuth
+    if auth_settings.method == "approle":
+        assert auth_settings.approle is not None
+        auth = vault.AppRoleAuth(
+            role_id=auth_settings.approle.role_id,
+            secret_id=config.read_secret_file(
+                auth_settings.approle.secret_id_file, "vault.auth.approle.secret_id_file"
+            ),
+            mount=auth_settings.approle.mount,
+        )
+    elif auth_settings.method == "kubernetes":
+        assert auth_settings.kubernetes is not None
+        auth = vault.KubernetesAuth(
+            role=auth_settings.kubernetes.role,
+            jwt=config.read_secret_file(
+                auth_settings.kubernetes.token_file, "vault.auth.kubernetes.token_file"
+            ),
+            mount=auth_settings.kubernetes.mount,
+        )
+    else:
+        auth = vault.TokenAuth(config.read_vault_token(settings))
+    assert settings.address is not None
+    return vault.VaultStore(
+        address=settings.address,
+        auth=auth,
+        mount=settings.mount,
+        state_path=settings.state_path,
+        ca_file=None
+        if settings.ca_file is None
+        else str(config.resolve_file(settings.ca_file, "vault.ca_file")),
+        namespace=settings.namespace,
+        timeout=settings.timeout.total_seconds(),
+    )
+
+
+@dataclass
+class Runtime:
+    """Everything built from one version of the config."""
+
+    settings: config.Settings
+    specs: dict[str, engine.TargetSpec]
+    engine: engine.Engine
+    store: vault.VaultStore
+
+
+def build_runtime(
+    settings: config.Settings, clock: SystemClock, *, dry_run: bool = False
+) -> Runtime:
+    specs = {spec.name: spec for spec in target_specs(settings)}
+    iam = build_identity(settings.eim)
+    store = build_store(settings.vault)
+    return Runtime(settings, specs, engine.Engine(iam, store, clock, dry_run=dry_run), store)
+
+
+def run_passes(
+    runtime: Runtime,
+    names: Iterable[str],
+    *,
+    force: bool = False,
+    on_report: Callable[[model.PassReport], None] | None = None,
+) -> list[model.PassReport]:
+    """One pass over each named target, ``workers`` at a time; one failure never stops others."""
+    specs = [runtime.specs[name] for name in names]
+    workers = max(1, min(runtime.settings.workers, len(specs)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass") as pool:
+        reports = list(pool.map(lambda s: runtime.engine.run_pass(s, force=force), specs))
+    if on_report is not None:
+        for report in reports:
+            on_report(report)
+    return reports
+
+
+# --- the daemon ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Health:
+    heartbeat: float = field(default_factory=time.monotonic)
+    vault_ok: bool = False
+    vault_reason: str = "Vault not checked yet"
+
+
+class Daemon:
+    """`rotator run`: schedule passes until SIGTERM/SIGINT; reload on SIGHUP."""
+
+    def __init__(self, config_path: str, settings: config.Settings) -> None:
+        self._config_path = config_path
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._clock = SystemClock(self._stop)
+        self._metrics = metrics.Metrics()
+        self._health = _Health()
+        self._runtime = build_runtime(settings, self._clock)
+        self._scheduler: Any = None
+        self._server: metrics.MetricsServer | None = None
+
+    # probes
+    def _healthy(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._health.heartbeat
+        if self._scheduler is None or age > HEALTHY_WITHIN_SECONDS:
+            return False, f"scheduler heartbeat {age:.0f}s old"
+        return True, "ok"
+
+    def _ready(self) -> tuple[bool, str]:
+        return self._health.vault_ok, self._health.vault_reason
+
+    def _probe_vault(self) -> None:
+        try:
+            self._runtime.store.check()
+        except errors.RotatorError as exc:
+            if self._health.vault_ok or self._health.vault_reason != str(exc):
+                logger.warning("vault_not_ready", error=str(exc))
+            self._health.vault_ok, self._health.vault_reason = False, str(exc)
+        else:
+            if not self._health.vault_ok:
+                logger.info("vault_ready")
+            self._health.vault_ok, self._health.vault_reason = True, "ok"
+        self._metrics.set_ready(self._health.vault_ok)
+
+    def _beat(self) -> None:
+        self._health.heartbeat = time.monotonic()
+
+    # jobs
+    def _job(self, name: str) -> None:
+        runtime = self._runtime
+        spec = runtime.specs.get(name)
+        if spec is None:
+            return
+        try:
+            report = runtime.engine.run_pass(spec)
+            self._metrics.record_pass(report, self._clock.now())
+            if "vault" in report.error_components:
+                self._probe_vault()
+        except Exception:  # the daemon must outlive any one target's bug
+            logger.exception("job_crashed", target=name)
+            self._metrics.record_error(name, "internal")
+
+    def _schedule(self, runtime: Runtime) -> None:
+        scheduler = self._scheduler
+        for job in scheduler.get_jobs():
+            if job.id.startswith("target:"):
+                job.remove()
+        now = datetime.now(UTC)
+        for spec in runtime.specs.values():
+            self._metrics.init_target(spec.name)
+            interval = spec.policy.check_interval.total_seconds()
+            scheduler.add_job(
+                self._job,
+                IntervalTrigger(seconds=interval, jitter=min(interval * 0.1, 30.0), timezone=UTC),
+                args=[spec.name],
+                id=f"target:{spec.name}",
+                name=f"pass {spec.name}",
+                next_run_time=now,
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=None,
+            )
+
+    def _reload(self) -> None:
+        old = self._runtime
+        try:
+            settings = config.load(self._config_path)
+            runtime = build_runtime(settings, self._clock)
+        except errors.ConfigError as exc:
+            logger.error("config_reload_failed", error=str(exc), kept="the running config")
+            self._metrics.record_error("", "config")
+            self._metrics.record_reload(False)
+            return
+        if settings.metrics.listen != old.settings.metrics.listen:
+            logger.warning("metrics_listen_unchanged", reason="metrics.listen needs a restart")
+        log.configure(format=settings.logging.format, level=settings.logging.level)
+        self._runtime = runtime
+        for name in set(old.specs) - set(runtime.specs):
+            self._metrics.forget_target(name)
+        self._schedule(runtime)
+        self._metrics.record_reload(True)
+        self._probe_vault()
+        logger.info("config_reloaded", targets=len(runtime.specs))
+
+    # signals
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop.set()
+        self._wake.set()
+
+    def run(self) -> int:
+        settings = self._runtime.settings
+        self._metrics.set_build_info(rotator.__version__)
+        try:
+            self._server = self._metrics.serve(
+                settings.metrics.host,
+                settings.metrics.port,
+                healthy=self._healthy,
+                ready=self._ready,
+            )
+        except OSError as exc:
+            raise errors.ConfigError(
+                "metrics.listen",
+                f"cannot listen on {settings.metrics.listen}: {exc.strerror or exc}; "
+                "choose a free address and port",
+            ) from None
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        self._scheduler = BackgroundScheduler(
+            executors={"default": JobThreadPool(max_workers=settings.workers)},
+            timezone=UTC,
+        )
+        self._probe_vault()
+        probe_every = max(HEARTBEAT_SECONDS, 15.0)
+        self._scheduler.add_job(self._beat, IntervalTrigger(seconds=HEARTBEAT_SECONDS),
+                                id="heartbeat", max_instances=1, coalesce=True)
+        self._scheduler.add_job(self._probe_vault, IntervalTrigger(seconds=probe_every),
+                                id="vault-probe", max_instances=1, coalesce=True)
+        self._schedule(self._runtime)
+        self._scheduler.start()
+        logger.info(
+            "daemon_started",
+            version=rotator.__version__,
+            targets=len(self._runtime.specs),
+            metrics=f"http://{settings.metrics.listen}/metrics",
+            port=self._server.port,
+            pid=os.getpid(),
+        )
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(HEARTBEAT_SECONDS)
+                self._wake.clear()
+                if self._reload_requested and not self._stop.is_set():
+                    self._reload_requested = False
+                    self._reload()
+        finally:
+            logger.info("daemon_stopping", reason="signal")
+            self._scheduler.shutdown(wait=True)  # each job ends at its next step boundary
+            self._server.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            logger.info("daemon_stopped")
+        return 0
+
