@@ -1,5 +1,5 @@
 """`python -m rotator` is the same as the `rotator` command."""
 
-from rotator import cli
+from rotator.cli import main
 
-raise SystemExit(cli.main())
+raise SystemExit(main())

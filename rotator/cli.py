@@ -204,7 +204,16 @@ def _status_row(view: engine.StatusView, now: datetime) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    header = ("TARGET", "CURRENT KEY", "AGE", "NEXT DUE", "RETIRING", "PENDING", "FOREIGN", "PROBLEM")
+    header = (
+        "TARGET",
+        "CURRENT KEY",
+        "AGE",
+        "NEXT DUE",
+        "RETIRING",
+        "PENDING",
+        "FOREIGN",
+        "PROBLEM",
+    )
     lines = [header]
     now = datetime.now(UTC)
     for row in rows:
@@ -214,9 +223,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         age = row["current_key_age_seconds"]
         due = row["next_due"]
         retiring = ", ".join(
-            f"{r['key_id']} ({r['phase']}"
-            + (f" until {r['until']}" if r["until"] else "")
-            + ")"
+            f"{r['key_id']} ({r['phase']}" + (f" until {r['until']}" if r["until"] else "") + ")"
             for r in row["retiring"]
         )
         lines.append(
@@ -224,9 +231,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 row["target"],
                 row["current_key_id"] or "-",
                 "-" if age is None else _age(timedelta(seconds=age)),
-                "now" if row["due_now"] else (
-                    "-" if due is None else f"in {_age(model.parse_time(due) - now)}"
-                ),
+                "now"
+                if row["due_now"]
+                else ("-" if due is None else f"in {_age(model.parse_time(due) - now)}"),
                 retiring or "-",
                 row["pending_key_id"] or "-",
                 ", ".join(row["foreign_keys"]) or "-",

@@ -345,10 +345,20 @@ class Daemon:
         )
         self._probe_vault()
         probe_every = max(HEARTBEAT_SECONDS, 15.0)
-        self._scheduler.add_job(self._beat, IntervalTrigger(seconds=HEARTBEAT_SECONDS),
-                                id="heartbeat", max_instances=1, coalesce=True)
-        self._scheduler.add_job(self._probe_vault, IntervalTrigger(seconds=probe_every),
-                                id="vault-probe", max_instances=1, coalesce=True)
+        self._scheduler.add_job(
+            self._beat,
+            IntervalTrigger(seconds=HEARTBEAT_SECONDS),
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._probe_vault,
+            IntervalTrigger(seconds=probe_every),
+            id="vault-probe",
+            max_instances=1,
+            coalesce=True,
+        )
         self._schedule(self._runtime)
         self._scheduler.start()
         logger.info(
@@ -374,4 +384,3 @@ class Daemon:
                 signal.signal(sig, handler)
             logger.info("daemon_stopped")
         return 0
-

@@ -17,10 +17,12 @@ This is one of the two places that catch broadly (per target); the other is the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
 import structlog
 
 from rotator import errors, identity, model, ports, rotation
@@ -200,8 +202,13 @@ class Engine:
                 continue
             self._check_stop()
             policy = self._apply_identity_change(change, policy)
-            log.info("identity_changed", target=p.spec.name, change=change.kind.value,
-                     subject=change.subject, reason=change.reason)
+            log.info(
+                "identity_changed",
+                target=p.spec.name,
+                change=change.kind.value,
+                subject=change.subject,
+                reason=change.reason,
+            )
         if self._dry_run:
             return
         self._identity_checked.add(p.spec.name)
@@ -218,7 +225,8 @@ class Engine:
                 self._iam.create_policy(change.subject, change.description, change.document)
                 policy = self._iam.get_policy(change.subject)
             elif change.kind is kind.DELETE_POLICY_VERSION:
-                assert policy is not None and change.version_id is not None
+                assert policy is not None
+                assert change.version_id is not None
                 self._iam.delete_policy_version(policy.arn, change.version_id)
             elif change.kind is kind.CREATE_POLICY_VERSION:
                 assert policy is not None
@@ -228,7 +236,8 @@ class Engine:
                     policy = self._iam.get_policy(change.subject)
                 if policy is None:
                     raise errors.EimNoSuchEntity(
-                        f"policy {change.subject} vanished while being attached", code="NoSuchEntity"
+                        f"policy {change.subject} vanished while being attached",
+                        code="NoSuchEntity",
                     )
                 assert change.group is not None
                 self._iam.attach_group_policy(change.group, policy.arn)
@@ -297,7 +306,9 @@ class Engine:
             assert key_id is not None
             self._guard(p, key_id)
             self._iam.set_key_status(spec.user, key_id, model.KeyStatus.INACTIVE)
-            p.keys[key_id] = model.AccessKey(key_id, model.KeyStatus.INACTIVE, p.keys[key_id].created)
+            p.keys[key_id] = model.AccessKey(
+                key_id, model.KeyStatus.INACTIVE, p.keys[key_id].created
+            )
             p.state = rotation.deactivated(p.state, key_id, spec.policy, now)
             log.info("key_deactivated", target=spec.name, key_id=key_id, reason=action.reason)
         elif action.kind is kind.SCHEDULE_DELETE:
@@ -318,10 +329,8 @@ class Engine:
 
     def _delete_key(self, p: _Pass, key_id: str, reason: str) -> None:
         self._guard(p, key_id)
-        try:
+        with contextlib.suppress(errors.EimNoSuchEntity):  # already gone: the goal is reached
             self._iam.delete_key(p.spec.user, key_id)
-        except errors.EimNoSuchEntity:
-            pass  # already gone: the goal is reached
         p.keys.pop(key_id, None)
         log.info("key_deleted", target=p.spec.name, key_id=key_id, reason=reason)
 
@@ -352,11 +361,19 @@ class Engine:
             # that fails too, the intent still in Vault makes the next pass remove it.
             try:
                 self._iam.delete_key(spec.user, new.key_id)
-                log.warning("key_deleted", target=spec.name, key_id=new.key_id,
-                            reason="its secret could not be stored in Vault")
+                log.warning(
+                    "key_deleted",
+                    target=spec.name,
+                    key_id=new.key_id,
+                    reason="its secret could not be stored in Vault",
+                )
             except errors.RotatorError:
-                log.warning("key_orphaned", target=spec.name, key_id=new.key_id,
-                            reason="the next pass deletes it")
+                log.warning(
+                    "key_orphaned",
+                    target=spec.name,
+                    key_id=new.key_id,
+                    reason="the next pass deletes it",
+                )
             raise
         self._resolve_pending(p)
 
@@ -381,9 +398,15 @@ class Engine:
                 last_attempt_at=now,
             )
             judgement = rotation.judge_verification(pending, result, spec.policy, now)
-            log.info("key_verification", target=spec.name, key_id=pending.key_id,
-                     attempt=pending.attempts, outcome=result.outcome.value,
-                     detail=result.detail, verdict=judgement.verdict.value)
+            log.info(
+                "key_verification",
+                target=spec.name,
+                key_id=pending.key_id,
+                attempt=pending.attempts,
+                outcome=result.outcome.value,
+                detail=result.detail,
+                verdict=judgement.verdict.value,
+            )
             if judgement.verdict is rotation.Verdict.PUBLISH:
                 p.state = p.state.replace(pending=pending)
                 self._publish(p, pending)
@@ -419,8 +442,13 @@ class Engine:
         old = p.state.current
         p.state = rotation.promote(p.state, pending, spec.policy, now)
         p.rotated = True
-        log.info("key_published", target=spec.name, key_id=pending.key_id,
-                 secret_path=spec.secret_path, previous_key_id=old.key_id if old else None)
+        log.info(
+            "key_published",
+            target=spec.name,
+            key_id=pending.key_id,
+            secret_path=spec.secret_path,
+            previous_key_id=old.key_id if old else None,
+        )
         self._flush(p)
 
     # --- state ---------------------------------------------------------------------------
@@ -574,4 +602,3 @@ class Engine:
             self._store.write_state(spec.name, new_state, stored.version)
         log.info("key_adopted", target=spec.name, key_id=key_id, dry_run=self._dry_run)
         return f"{key_id} adopted: it retires through grace, Inactive and deletion"
-

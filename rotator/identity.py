@@ -147,7 +147,8 @@ def plan(
 
 def same_document(observed: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """Compare parsed policy documents; a lone string equals a one-element list (IAM folds them)."""
-    return _normal(observed) == _normal(wanted)
+    same: bool = _normal(observed) == _normal(wanted)
+    return same
 
 
 def _normal(value: Any) -> Any:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from rotator import errors
 
@@ -29,9 +29,9 @@ class Secret:
     """
 
     __slots__ = ("_value",)
-    _known: dict[str, None] = {}  # insertion-ordered set
-    _known_lock = threading.Lock()
-    _KNOWN_MAX = 4096
+    _known: ClassVar[dict[str, None]] = {}  # insertion-ordered set
+    _known_lock: ClassVar[threading.Lock] = threading.Lock()
+    _KNOWN_MAX: ClassVar[int] = 4096
 
     def __init__(self, value: str) -> None:
         self._value = value
@@ -246,7 +246,7 @@ class TargetState:
         return dataclasses.replace(self, **changes)
 
     def remember_created(self, key_id: str) -> TargetState:
-        ids = tuple(i for i in self.created_ids if i != key_id) + (key_id,)
+        ids = (*(i for i in self.created_ids if i != key_id), key_id)
         return self.replace(created_ids=ids[-CREATED_IDS_KEPT:])
 
     def tracked_ids(self) -> frozenset[str]:

@@ -216,14 +216,14 @@ def decide(
 
     # 5. retire
     for retiring in state.retiring:
-        key = by_id.get(retiring.key_id)
-        if key is None:
+        retiring_key = by_id.get(retiring.key_id)
+        if retiring_key is None:
             actions.append(
                 Action(ActionKind.FORGET_RETIRED, "retiring key no longer in IAM", retiring.key_id)
             )
         elif retiring.key_id in protected:
             continue  # the published key is never retired, whatever the state says
-        elif key.status is model.KeyStatus.ACTIVE:
+        elif retiring_key.status is model.KeyStatus.ACTIVE:
             if now >= retiring.retire_at:
                 actions.append(
                     Action(ActionKind.DEACTIVATE, "grace period is over", retiring.key_id)
@@ -333,7 +333,8 @@ def verify_delay(attempts: int) -> timedelta:
     """The wait before the next verification attempt, after ``attempts`` failed ones."""
     if attempts <= 0:
         return timedelta(0)
-    return min(VERIFY_FIRST_DELAY * (2 ** (attempts - 1)), VERIFY_MAX_DELAY)
+    delay: timedelta = VERIFY_FIRST_DELAY * (2 ** min(attempts - 1, 16))
+    return min(delay, VERIFY_MAX_DELAY)
 
 
 def next_verify_at(pending: model.PendingKey) -> datetime:
@@ -353,7 +354,10 @@ def judge_verification(
     if result.outcome is model.VerifyOutcome.VALID:
         return VerifyJudgement(Verdict.PUBLISH, reason="the new key authenticated")
     retry_at = now + verify_delay(pending.attempts)
-    if pending.attempts >= MAX_VERIFY_ATTEMPTS or retry_at > pending.created + policy.verify_timeout:
+    if (
+        pending.attempts >= MAX_VERIFY_ATTEMPTS
+        or retry_at > pending.created + policy.verify_timeout
+    ):
         return VerifyJudgement(
             Verdict.GIVE_UP,
             reason=(
@@ -367,7 +371,8 @@ def judge_verification(
 def failure_backoff(failures: int, policy: Policy) -> timedelta:
     """How long to wait before a fresh key after ``failures`` failed rotations in a row."""
     base = max(policy.check_interval, timedelta(seconds=1))
-    return min(base * (2 ** max(failures - 1, 0)), max(FAILURE_BACKOFF_MAX, base))
+    delay: timedelta = base * (2 ** min(max(failures - 1, 0), 16))
+    return min(delay, max(FAILURE_BACKOFF_MAX, base))
 
 
 def promote(

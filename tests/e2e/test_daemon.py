@@ -50,7 +50,8 @@ def write_config(
 ) -> Path:
     creds = tmp_path / "eim-credentials"
     creds.write_text(
-        f"aws_access_key_id = {iam.access_key_id}\naws_secret_access_key = {iam.secret_access_key}\n"
+        f"aws_access_key_id = {iam.access_key_id}\n"
+        f"aws_secret_access_key = {iam.secret_access_key}\n"
     )
     token = tmp_path / "vault-token"
     token.write_text(vault.root_token + "\n")
@@ -188,7 +189,9 @@ def wait_for(
         if predicate():
             return
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the daemon exited with {process.returncode} while waiting for {what}")
+            raise AssertionError(
+                f"the daemon exited with {process.returncode} while waiting for {what}"
+            )
         time.sleep(0.1)  # polling a condition with a deadline, not standing in for a sync
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -244,8 +247,10 @@ def test_daemon_rotates_three_times_without_a_consumer_failure(
         )
         metrics = scrape(metrics_port)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nconsumer saw {consumer.key_ids}, observer {observer.history}"
-                             f"\ndaemon log tail:\n{err.read_text()[-4000:]}") from None
+        raise AssertionError(
+            f"{exc}\nconsumer saw {consumer.key_ids}, observer {observer.history}"
+            f"\ndaemon log tail:\n{err.read_text()[-4000:]}"
+        ) from None
     finally:
         consumer.stop.set()
         observer.stop.set()

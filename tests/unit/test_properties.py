@@ -8,6 +8,7 @@ authenticate), so every generated history checks them at every step.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 from hypothesis import HealthCheck, given, settings
@@ -38,10 +39,8 @@ def apply(w: World, op: str, arg: int) -> None:
     elif op in ("crash_before", "crash_after"):
         w.iam.crash.at = w.iam.crash.calls + arg
         w.iam.crash.after_apply = op == "crash_after"
-        try:
+        with contextlib.suppress(Crash):
             w.run()
-        except Crash:
-            pass
         w.iam.crash.at = None
         w.restart()
     elif op == "foreign":
