@@ -122,8 +122,13 @@ class MotoServer:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def start(self, timeout: float = 20.0, attempts: int = 3) -> None:
-        """Start the server and wait until ``/moto-api/`` answers (retrying on a port race)."""
+    def start(self, timeout: float = 20.0, attempts: int = 3, port: int | None = None) -> None:
+        """Start the server and wait until ``/moto-api/`` answers (retrying on a port race).
+
+        ``port`` pins the port (one attempt); by default a free one is chosen.
+        """
+        if port is not None:
+            attempts = 1
         if self._process is not None:
             raise RuntimeError("moto server already started")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -131,7 +136,7 @@ class MotoServer:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
         last_error = ""
         for _ in range(attempts):
-            self.port = free_port()
+            self.port = port or free_port()
             if self.log_path is None:
                 self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
             else:
@@ -287,8 +292,13 @@ class OpenBaoServer:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def start(self, timeout: float = 20.0, attempts: int = 3) -> None:
-        """Start the server and wait until ``/v1/sys/health`` answers (retrying on a port race)."""
+    def start(self, timeout: float = 20.0, attempts: int = 3, port: int | None = None) -> None:
+        """Start the server and wait until ``/v1/sys/health`` answers (retrying on a port race).
+
+        ``port`` pins the port (one attempt; PORT+1 must be free too); by default free ones.
+        """
+        if port is not None:
+            attempts = 1
         if self._process is not None:
             raise RuntimeError("OpenBao server already started")
         self.home.mkdir(parents=True, exist_ok=True)
@@ -296,7 +306,7 @@ class OpenBaoServer:
         env["HOME"] = str(self.home)
         last_error = ""
         for _ in range(attempts):
-            self.port = free_port(consecutive=2)
+            self.port = port or free_port(consecutive=2)
             self._log = self.log_path.open("ab")
             self._process = subprocess.Popen(
                 [
