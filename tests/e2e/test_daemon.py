@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -370,3 +371,61 @@ def test_once_then_status_and_dry_run(
 
     unknown = rotator("rotate", "nope")
     assert unknown.returncode == 2 and "unknown target nope" in unknown.stderr
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.timeout(120)
+def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    port = servers.free_port()
+    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
+    good = cfg.read_text()
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=daemon_env,
+        )
+    started.append(process)
+    wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
+    first = vault.read_raw("monitoring/watcher_1")["access_key_id"]
+    assert http_status(port, "/healthz") == 200
+    assert http_status(port, "/readyz") == 200
+
+    cfg.write_text(good.replace("max_age: 1h", "max_age: 1 hour"))
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config_reload_failed" in err.read_text(), 30, "the failed reload", process)
+    assert scrape(port)['rotator_errors_total{component="config",target=""}'] == 1
+    assert process.poll() is None
+
+    # a shorter max_age takes effect at once: the key's age counts from its creation date
+    cfg.write_text(
+        good.replace("max_age: 1h", "max_age: 5s")
+        .replace("grace: 2s", "grace: 1s")
+        .replace("inactive_period: 2s", "inactive_period: 1s")
+        .replace("verify_timeout: 4s", "verify_timeout: 3s")
+    )
+    process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (vault.read_raw("monitoring/watcher_1") or {}).get("access_key_id") != first,
+        30,
+        "a rotation under the reloaded max_age",
+        process,
+    )
+    assert "config_reloaded" in err.read_text()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
