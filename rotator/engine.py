@@ -84,6 +84,7 @@ class _Pass:
     rotation_failed: bool = False
     blocked: str | None = None
     decision: rotation.Decision | None = None
+    keys_observed: bool = False
 
 
 class Engine:
@@ -174,6 +175,7 @@ class Engine:
                 self._ensure_identity(p, force=True)  # IAM says something is missing
                 keys = self._iam.list_keys(p.spec.user)
         p.keys = {k.key_id: k for k in keys}
+        p.keys_observed = True
 
     # --- identity ------------------------------------------------------------------------
 
@@ -468,7 +470,7 @@ class Engine:
         if p.state.last_error is not None and not p.rotation_failed and p.blocked is None:
             p.state = p.state.replace(last_error=None)
         if p.blocked is not None:
-            p.state = p.state.replace(last_error=p.blocked, last_error_at=now)
+            p.state = _note_error(p.state, p.blocked, now)
         changed = p.state != p.stored.state
         stale = (
             p.state.last_success_at is None
@@ -482,7 +484,7 @@ class Engine:
         """Best effort: keep the error in state for `status`; Vault may be what failed."""
         if p is None or self._dry_run:
             return
-        p.state = p.state.replace(last_error=error, last_error_at=self._clock.now())
+        p.state = _note_error(p.state, error, self._clock.now())
         try:
             self._flush(p)
         except errors.RotatorError as exc:
@@ -530,6 +532,7 @@ class Engine:
             key_created=published_created,
             last_rotation_at=state.last_rotation_at,
             next_due=rotation.next_due(state, spec.policy),
+            keys_observed=p.keys_observed,
             keys_active=sum(k.status is model.KeyStatus.ACTIVE for k in p.keys.values()),
             keys_inactive=sum(k.status is model.KeyStatus.INACTIVE for k in p.keys.values()),
             foreign_keys=len([k for k in foreign if k in p.keys]),
@@ -602,3 +605,10 @@ class Engine:
             self._store.write_state(spec.name, new_state, stored.version)
         log.info("key_adopted", target=spec.name, key_id=key_id, dry_run=self._dry_run)
         return f"{key_id} adopted: it retires through grace, Inactive and deletion"
+
+
+def _note_error(state: model.TargetState, error: str, now: datetime) -> model.TargetState:
+    """Record a problem; the same problem again changes nothing (no Vault write every pass)."""
+    if state.last_error == error:
+        return state
+    return state.replace(last_error=error, last_error_at=now)

@@ -223,10 +223,11 @@ class Metrics:
             self.key_age.labels(target=target).set(max(age, 0.0))
         if report.next_due is not None:
             self.next_rotation.labels(target=target).set(report.next_due.timestamp())
-        self.access_keys.labels(target=target, status="active").set(report.keys_active)
-        self.access_keys.labels(target=target, status="inactive").set(report.keys_inactive)
-        self.foreign_keys.labels(target=target).set(report.foreign_keys)
-        self.blocked.labels(target=target).set(1 if report.blocked else 0)
+        if report.keys_observed:  # else the pass failed before it could count them
+            self.access_keys.labels(target=target, status="active").set(report.keys_active)
+            self.access_keys.labels(target=target, status="inactive").set(report.keys_inactive)
+            self.foreign_keys.labels(target=target).set(report.foreign_keys)
+            self.blocked.labels(target=target).set(1 if report.blocked else 0)
 
     # --- global ---------------------------------------------------------------------------
 

@@ -405,6 +405,7 @@ class PassReport:
     key_created: datetime | None = None  # creation time of the published key
     last_rotation_at: datetime | None = None
     next_due: datetime | None = None
+    keys_observed: bool = False  # IAM's key list was read (the counts below mean something)
     keys_active: int = 0
     keys_inactive: int = 0
     foreign_keys: int = 0

@@ -129,10 +129,10 @@ def test_demo_config_loads_with_shrunk_timings_and_local_servers() -> None:
     assert settings.vault.auth.token_file == demo / "vault-token"
     assert (settings.vault.mount, settings.vault.state_path) == ("secret", "rotator")
     timing = settings.targets[0].timing
-    assert timing.check_interval == timedelta(seconds=5)
-    assert timing.max_age == timedelta(seconds=60)
-    assert timing.grace == timing.inactive_period == timedelta(seconds=20)
-    assert timing.verify_timeout == timedelta(seconds=30)
+    assert timing.check_interval == timedelta(seconds=2)
+    assert timing.max_age == timedelta(seconds=30)
+    assert timing.grace == timing.inactive_period == timedelta(seconds=10)
+    assert timing.verify_timeout == timedelta(seconds=20)
     assert timing.identity_check_interval == timedelta(minutes=1)
     assert settings.workers == 2
     assert (settings.metrics.host, settings.metrics.port) == ("127.0.0.1", 9109)

@@ -57,6 +57,7 @@ def report(**changes: object) -> model.PassReport:
         "key_created": NOW - timedelta(days=2),
         "last_rotation_at": NOW - timedelta(days=2),
         "next_due": NOW + timedelta(days=28),
+        "keys_observed": True,
         "keys_active": 1,
         "keys_inactive": 0,
     }
@@ -500,3 +501,12 @@ def test_serves_on_ipv6_loopback(m: metrics.Metrics, host: str) -> None:
     with m.serve(host, 0, healthy=lambda: True, ready=lambda: True) as srv:
         assert srv.host == "::1"
         assert get(srv.port, "/healthz", host="::1")[0] == 200
+
+
+def test_a_pass_that_never_listed_the_keys_keeps_the_previous_key_counts() -> None:
+    m = metrics.Metrics()
+    m.record_pass(report(keys_active=2, foreign_keys=1), NOW)
+    m.record_pass(report(ok=False, keys_observed=False, keys_active=0, foreign_keys=0), NOW)
+    sample = m.registry.get_sample_value
+    assert sample("rotator_access_keys", {"target": "monitoring", "status": "active"}) == 2
+    assert sample("rotator_foreign_keys", {"target": "monitoring"}) == 1
