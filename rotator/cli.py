@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passes(runtime, list(runtime.specs), force=False)
         if command == "rotate":
             _check_targets(args.targets, runtime)
-            return _passes(runtime, args.targets, force=True)
+            # a replica working on the target holds its lease: wait up to two leases for it
+            wait = 2 * settings.vault.lock_ttl.total_seconds()
+            return _passes(runtime, args.targets, force=True, lock_wait=wait)
         if command == "status":
             return _status(runtime, as_json=args.json)
         if command == "adopt":
@@ -111,18 +113,24 @@ def _check_targets(names: Sequence[str], runtime: daemon.Runtime) -> None:
         )
 
 
-def _passes(runtime: daemon.Runtime, names: list[str], *, force: bool) -> int:
-    reports = daemon.run_passes(runtime, names, force=force)
+def _passes(
+    runtime: daemon.Runtime, names: list[str], *, force: bool, lock_wait: float = 0.0
+) -> int:
+    reports = daemon.run_passes(runtime, names, force=force, lock_wait=lock_wait)
     for report in reports:
         print(_summary(report))
         if report.dry_run:
             for action in report.actions or ("nothing to do",):
                 print(f"  - {action}")
+    if force and any(r.skipped for r in reports):
+        return EXIT_FAILED  # `rotate` could not rotate a target another replica kept busy
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
 
 
 def _summary(report: model.PassReport) -> str:
-    if report.dry_run:
+    if report.skipped:
+        verdict = f"skipped: {report.skipped}"
+    elif report.dry_run:
         verdict = "plan"
     elif report.blocked:
         verdict = f"BLOCKED: {report.blocked_reason}"

@@ -182,7 +182,15 @@ def build_runtime(
     specs = {spec.name: spec for spec in target_specs(settings)}
     iam = build_identity(settings.eim)
     store = build_store(settings.vault)
-    return Runtime(settings, specs, engine.Engine(iam, store, clock, dry_run=dry_run), store)
+    worker = engine.Engine(
+        iam,
+        store,
+        clock,
+        dry_run=dry_run,
+        lock=store,
+        lock_ttl=settings.vault.lock_ttl.total_seconds(),
+    )
+    return Runtime(settings, specs, worker, store)
 
 
 def run_passes(
@@ -190,13 +198,18 @@ def run_passes(
     names: Iterable[str],
     *,
     force: bool = False,
+    lock_wait: float = 0.0,
     on_report: Callable[[model.PassReport], None] | None = None,
 ) -> list[model.PassReport]:
     """One pass over each named target, ``workers`` at a time; one failure never stops others."""
     specs = [runtime.specs[name] for name in names]
     workers = max(1, min(runtime.settings.workers, len(specs)))
+
+    def one(spec: engine.TargetSpec) -> model.PassReport:
+        return runtime.engine.run_pass(spec, force=force, lock_wait=lock_wait)
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass") as pool:
-        reports = list(pool.map(lambda s: runtime.engine.run_pass(s, force=force), specs))
+        reports = list(pool.map(one, specs))
     if on_report is not None:
         for report in reports:
             on_report(report)

@@ -18,8 +18,12 @@ This is one of the two places that catch broadly (per target); the other is the 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -69,6 +73,47 @@ class Stopped(Exception):
     """A stop was requested: the pass ends between two steps, its state already written."""
 
 
+class LockHeld(Exception):
+    """Another replica holds the target's lease: this pass leaves the target to it."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+        super().__init__(holder)
+
+
+class _Lease:
+    """A held lease, renewed every third of its TTL by a thread until stopped.
+
+    When a renewal fails, ``lost`` is set and the pass stops before its next mutating step;
+    state writes are fenced by check-and-set anyway, so a stale holder cannot overwrite.
+    """
+
+    def __init__(self, lock: ports.Lock, target: str, holder: str, ttl: float) -> None:
+        self._lock, self._target, self._holder, self._ttl = lock, target, holder, ttl
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{target}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._done.wait(self._ttl / 3):
+            try:
+                if self._lock.renew(self._target, self._holder, self._ttl):
+                    continue
+                reason = "taken over or expired"
+            except errors.RotatorError as exc:
+                reason = str(exc)
+            log.warning("lock_lost", target=self._target, reason=reason)
+            self.lost.set()
+            return
+
+
 @dataclass
 class _Pass:
     """The mutable bookkeeping of one pass (never shared between threads)."""
@@ -85,6 +130,8 @@ class _Pass:
     blocked: str | None = None
     decision: rotation.Decision | None = None
     keys_observed: bool = False
+    user_missing: bool = False
+    lease: _Lease | None = None
 
 
 class Engine:
@@ -97,28 +144,49 @@ class Engine:
         clock: ports.Clock,
         *,
         dry_run: bool = False,
+        lock: ports.Lock | None = None,
+        lock_ttl: float = 15.0,
+        holder: str | None = None,
     ) -> None:
         self._iam = identity_port
         self._store = store
         self._clock = clock
         self._dry_run = dry_run
+        self._lock = lock
+        self._lock_ttl = lock_ttl
+        self._holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._identity_checked: set[str] = set()  # targets checked since this process started
 
     # --- the pass ------------------------------------------------------------------------
 
-    def run_pass(self, spec: TargetSpec, *, force: bool = False) -> model.PassReport:
-        """One pass over one target; never raises (errors are in the report)."""
+    def run_pass(
+        self, spec: TargetSpec, *, force: bool = False, lock_wait: float = 0.0
+    ) -> model.PassReport:
+        """One pass over one target; never raises (errors are in the report).
+
+        The pass observes without the lock; only when there is something to do does it take
+        the target's lease, observe again (fresh versions for check-and-set) and act.
+        ``lock_wait``: how long to wait for a lease another replica holds (0: skip the target).
+        """
         started = time.perf_counter()
         bound = log.bind(target=spec.name)
         p: _Pass | None = None
         error: str | None = None
+        skipped: str | None = None
         components: list[str] = []
         try:
             p = self._observe(spec)
-            self._ensure_identity(p, force=force)
-            self._observe_keys(p)
-            self._apply(p, force=force)
-            self._record_outcome(p, error=None)
+            if self._needs_work(p, force=force):
+                if self._lock is None or self._dry_run:
+                    self._work(p, force=force)
+                else:
+                    with self._leased(spec, lock_wait) as lease:
+                        p = self._observe(spec)
+                        p.lease = lease
+                        self._work(p, force=force)
+        except LockHeld as held:
+            skipped = f"lock held by {held.holder}"
+            bound.debug("pass_skipped", reason=skipped)
         except Stopped:
             error = "pass interrupted by shutdown; the next pass continues from the stored state"
             bound.info("pass_stopped", reason="stop requested")
@@ -134,29 +202,32 @@ class Engine:
             components.append("internal")
             bound.exception("pass_crashed", error=error)
             self._record_failure(p, error)
-        report = self._report(spec, p, error, components, time.perf_counter() - started)
-        bound.info(
-            "pass_summary",
-            ok=report.ok,
-            rotated=report.rotated,
-            blocked=report.blocked,
-            published_key_id=report.published_key_id,
-            next_due=None if report.next_due is None else model.format_time(report.next_due),
-            keys_active=report.keys_active,
-            keys_inactive=report.keys_inactive,
-            foreign_keys=report.foreign_keys,
-            actions=list(report.actions),
-            error=report.error,
-            duration_ms=round(report.duration_seconds * 1000, 1),
-            dry_run=self._dry_run,
-        )
+        report = self._report(spec, p, error, components, time.perf_counter() - started, skipped)
+        if skipped is None:
+            bound.info(
+                "pass_summary",
+                ok=report.ok,
+                rotated=report.rotated,
+                blocked=report.blocked,
+                published_key_id=report.published_key_id,
+                next_due=None if report.next_due is None else model.format_time(report.next_due),
+                keys_active=report.keys_active,
+                keys_inactive=report.keys_inactive,
+                foreign_keys=report.foreign_keys,
+                actions=list(report.actions),
+                error=report.error,
+                duration_ms=round(report.duration_seconds * 1000, 1),
+                dry_run=self._dry_run,
+            )
         return report
 
     def _observe(self, spec: TargetSpec) -> _Pass:
         # Vault first: without it no IAM change may happen.
         stored = self._store.read_state(spec.name)
         published = self._store.read_published(spec.secret_path)
-        return _Pass(spec=spec, stored=stored, published=published, state=stored.state)
+        p = _Pass(spec=spec, stored=stored, published=published, state=stored.state)
+        self._observe_keys(p)
+        return p
 
     def _observe_keys(self, p: _Pass) -> None:
         try:
@@ -169,31 +240,68 @@ class Engine:
                     code="NoSuchEntity",
                     action="ListAccessKeys",
                 ) from None
-            if self._dry_run:
-                keys = []  # the user would be created first
-            else:
-                self._ensure_identity(p, force=True)  # IAM says something is missing
-                keys = self._iam.list_keys(p.spec.user)
+            keys = []  # the identity check creates the user first
+            p.user_missing = True
         p.keys = {k.key_id: k for k in keys}
         p.keys_observed = True
 
+    def _needs_work(self, p: _Pass, *, force: bool) -> bool:
+        """Whether this pass must act (and so take the lock): nothing to do on an idle pass."""
+        if p.user_missing or self._identity_due(p, force=force):
+            return True
+        p.decision = self._decide(p, force=force)
+        return bool(p.decision.actions) or self._outcome(p) != p.stored.state
+
+    def _work(self, p: _Pass, *, force: bool) -> None:
+        self._ensure_identity(p, force=force or p.user_missing)
+        if p.user_missing and not self._dry_run:
+            p.user_missing = False
+            self._observe_keys(p)
+        self._apply(p, force=force)
+        self._record_outcome(p)
+
+    @contextlib.contextmanager
+    def _leased(self, spec: TargetSpec, wait: float) -> Iterator[_Lease]:
+        assert self._lock is not None
+        lock = self._lock
+        deadline = self._clock.now() + timedelta(seconds=wait)
+        while not lock.acquire(spec.name, self._holder, self._lock_ttl):
+            if self._clock.now() >= deadline:
+                raise LockHeld(lock.holder(spec.name) or "another replica")
+            if self._clock.wait(min(0.5, self._lock_ttl / 10)):
+                raise Stopped
+        lease = _Lease(lock, spec.name, self._holder, self._lock_ttl)
+        lease.start()
+        try:
+            yield lease
+        finally:
+            lease.stop()
+            try:
+                lock.release(spec.name, self._holder)
+            except errors.RotatorError as exc:  # it expires by itself within lock_ttl
+                log.warning("lock_not_released", target=spec.name, error=str(exc))
+
     # --- identity ------------------------------------------------------------------------
+
+    def _identity_due(self, p: _Pass, *, force: bool) -> bool:
+        desired = p.spec.desired
+        if desired is None:
+            return False
+        checked = p.state.identity_checked_at
+        return (
+            force
+            or p.spec.name not in self._identity_checked
+            or p.state.identity_digest != desired.digest()
+            or checked is None
+            or self._clock.now() - checked >= p.spec.identity_check_interval
+        )
 
     def _ensure_identity(self, p: _Pass, *, force: bool) -> None:
         desired = p.spec.desired
-        if desired is None:
+        if desired is None or not self._identity_due(p, force=force):
             return
         now = self._clock.now()
         digest = desired.digest()
-        checked = p.state.identity_checked_at
-        if not (
-            force
-            or p.spec.name not in self._identity_checked
-            or p.state.identity_digest != digest
-            or checked is None
-            or now - checked >= p.spec.identity_check_interval
-        ):
-            return
         group = self._iam.get_group(desired.group) if desired.group else None
         policy = self._iam.get_policy(desired.policy.name) if desired.policy else None
         user = self._iam.get_user(desired.user)
@@ -202,7 +310,7 @@ class Engine:
             p.actions.append(change.describe())
             if self._dry_run:
                 continue
-            self._check_stop()
+            self._check_stop(p)
             policy = self._apply_identity_change(change, policy)
             log.info(
                 "identity_changed",
@@ -256,17 +364,19 @@ class Engine:
 
     # --- keys ----------------------------------------------------------------------------
 
-    def _apply(self, p: _Pass, *, force: bool) -> None:
-        now = self._clock.now()
-        decision = rotation.decide(
+    def _decide(self, p: _Pass, *, force: bool) -> rotation.Decision:
+        return rotation.decide(
             list(p.keys.values()),
             p.state,
             p.published,
             p.spec.policy,
-            now,
+            self._clock.now(),
             force=force,
             window_open=p.spec.window_open,
         )
+
+    def _apply(self, p: _Pass, *, force: bool) -> None:
+        decision = self._decide(p, force=force)
         p.decision = decision
         if self._dry_run:
             p.actions.extend(a.describe() for a in decision.actions)
@@ -281,7 +391,7 @@ class Engine:
         now = self._clock.now()
         spec = p.spec
         if action.kind in rotation.MUTATING:
-            self._check_stop()
+            self._check_stop(p)
         if action.kind is not kind.BLOCKED:
             p.actions.append(action.describe())
         key_id = action.key_id
@@ -342,7 +452,7 @@ class Engine:
         # The intent must be durable before the key exists, or a crash would leak the key.
         p.state = p.state.replace(intent=model.Intent(now, tuple(p.keys)))
         self._flush(p)
-        self._check_stop()
+        self._check_stop(p)
         try:
             new = self._iam.create_key(spec.user)
         except errors.EimQuotaExceeded as exc:
@@ -389,7 +499,7 @@ class Engine:
             wait = (rotation.next_verify_at(pending) - now).total_seconds()
             if wait > 0 and self._clock.wait(wait):
                 raise Stopped
-            self._check_stop()
+            self._check_stop(p)
             result = self._iam.verify_key(pending.key_id, pending.secret)
             now = self._clock.now()
             pending = model.PendingKey(
@@ -433,7 +543,7 @@ class Engine:
     def _publish(self, p: _Pass, pending: model.PendingKey) -> None:
         spec = p.spec
         key = model.NewKey(pending.key_id, pending.secret, pending.created)
-        self._check_stop()
+        self._check_stop(p)
         try:
             p.published = self._store.write_published(spec.secret_path, key, p.published)
         except errors.VaultConflict:
@@ -462,22 +572,25 @@ class Engine:
         version = self._store.write_state(p.spec.name, p.state, p.stored.version)
         p.stored = model.StoredState(p.state, version)
 
-    def _record_outcome(self, p: _Pass, *, error: str | None) -> None:
+    def _outcome(self, p: _Pass) -> model.TargetState:
+        """The state with this pass's outcome recorded (what `status` reads)."""
+        now = self._clock.now()
+        state = p.state.replace(next_due_at=rotation.next_due(p.state, p.spec.policy))
+        if state.last_error is not None and not p.rotation_failed and p.blocked is None:
+            state = state.replace(last_error=None)
+        if p.blocked is not None:
+            state = _note_error(state, p.blocked, now)
+        if state != p.stored.state or (
+            state.last_success_at is None
+            or now - state.last_success_at >= p.spec.identity_check_interval
+        ):
+            state = state.replace(last_success_at=now)
+        return state
+
+    def _record_outcome(self, p: _Pass) -> None:
         if self._dry_run:
             return
-        now = self._clock.now()
-        p.state = p.state.replace(next_due_at=rotation.next_due(p.state, p.spec.policy))
-        if p.state.last_error is not None and not p.rotation_failed and p.blocked is None:
-            p.state = p.state.replace(last_error=None)
-        if p.blocked is not None:
-            p.state = _note_error(p.state, p.blocked, now)
-        changed = p.state != p.stored.state
-        stale = (
-            p.state.last_success_at is None
-            or now - p.state.last_success_at >= p.spec.identity_check_interval
-        )
-        if changed or stale:
-            p.state = p.state.replace(last_success_at=now)
+        p.state = self._outcome(p)
         self._flush(p)
 
     def _record_failure(self, p: _Pass | None, error: str) -> None:
@@ -490,9 +603,15 @@ class Engine:
         except errors.RotatorError as exc:
             log.debug("state_not_written", target=p.spec.name, error=str(exc))
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, p: _Pass | None = None) -> None:
+        """Called before every mutating step: stop requested, or the lease lost, ends the pass."""
         if self._clock.wait(0):
             raise Stopped
+        if p is not None and p.lease is not None and p.lease.lost.is_set():
+            raise errors.LockError(
+                f"lost the lock of target {p.spec.name} (Vault slow or unreachable?): "
+                "stopping before the next change; the next pass continues"
+            )
 
     def _report(
         self,
@@ -501,7 +620,12 @@ class Engine:
         error: str | None,
         components: list[str],
         duration: float,
+        skipped: str | None = None,
     ) -> model.PassReport:
+        if skipped is not None:
+            return model.PassReport(
+                target=spec.name, ok=True, duration_seconds=duration, skipped=skipped
+            )
         if p is None:
             return model.PassReport(
                 target=spec.name,

@@ -202,6 +202,8 @@ class Metrics:
         """
         target = report.target
         self.init_target(target)
+        if report.skipped is not None:
+            return  # another replica worked on it: its metrics are that replica's to report
         for component in report.error_components:
             self.record_error(target, component)
         self.pass_duration.labels(target=target).observe(max(report.duration_seconds, 0.0))

@@ -414,3 +414,4 @@ class PassReport:
     error_components: tuple[str, ...] = ()  # one entry per error counted (eim, vault, verify...)
     actions: tuple[str, ...] = ()  # what was done, in order (or planned, in a dry run)
     dry_run: bool = False
+    skipped: str | None = None  # another replica holds the target's lease: nothing observed

@@ -352,3 +352,33 @@ class FakeVault:
         if apply_then_crash:
             raise Crash("state write")
         return version + 1
+
+
+@dataclass
+class FakeLock:
+    """Lease locks with the fake clock: one holder at a time until expiry."""
+
+    clock: FakeClock
+    leases: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+
+    def acquire(self, target: str, holder: str, ttl_seconds: float) -> bool:
+        current = self.leases.get(target)
+        if current and current[0] != holder and current[1] > self.clock.now():
+            return False
+        self.leases[target] = (holder, self.clock.now() + timedelta(seconds=ttl_seconds))
+        return True
+
+    def renew(self, target: str, holder: str, ttl_seconds: float) -> bool:
+        current = self.leases.get(target)
+        if not current or current[0] != holder or current[1] <= self.clock.now():
+            return False
+        self.leases[target] = (holder, self.clock.now() + timedelta(seconds=ttl_seconds))
+        return True
+
+    def release(self, target: str, holder: str) -> None:
+        if self.leases.get(target, ("",))[0] == holder:
+            del self.leases[target]
+
+    def holder(self, target: str) -> str | None:
+        current = self.leases.get(target)
+        return current[0] if current and current[1] > self.clock.now() else None

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from rotator import engine, errors, identity, model, rotation
-from tests.unit.fakes import Crash, FakeClock, FakeIAM, FakeVault
+from tests.unit.fakes import Crash, FakeClock, FakeIAM, FakeLock, FakeVault
 
 PATH = "monitoring/watcher_1"
 DOC = {
@@ -269,3 +269,36 @@ def test_user_missing_without_managed_identity_names_the_fix() -> None:
     report = w.run()
     assert not report.ok
     assert report.error is not None and "ghost does not exist" in report.error
+
+
+def test_a_target_whose_lease_another_replica_holds_is_skipped_untouched() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    lock.acquire(SPEC.name, "replica-b", 15)
+    mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    report = mine.run_pass(SPEC)
+    assert report.skipped == "lock held by replica-b" and report.ok
+    assert w.iam.groups == {} and w.vault.states == {}
+    lock.release(SPEC.name, "replica-b")
+    assert mine.run_pass(SPEC).rotated
+    assert lock.holder(SPEC.name) is None  # released at the end of the pass
+
+
+def test_an_idle_pass_does_not_take_the_lease() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    mine.run_pass(SPEC)
+    lock.acquire(SPEC.name, "replica-b", 3600)
+    w.clock.advance(seconds=30)
+    report = mine.run_pass(SPEC)
+    assert report.skipped is None and report.ok and not report.rotated
+
+
+def test_rotate_waits_for_the_lease_and_then_reports_the_holder() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    lock.acquire(SPEC.name, "replica-b", 3600)
+    mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    report = mine.run_pass(SPEC, force=True, lock_wait=0.05)
+    assert report.skipped == "lock held by replica-b"
