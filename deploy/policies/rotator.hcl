@@ -1,0 +1,31 @@
+# Vault (or OpenBao) policy for rotator's own token, AppRole or Kubernetes role.
+# Written for the KV v2 mount "secret", vault.state_path "rotator" and the example target's
+# secret_path monitoring/watcher_1: change "secret/" to your vault.mount, and list each
+# target's secret_path. tests/deploy/test_vault_policies.py runs rotator with exactly this.
+# Nothing here allows deleting or destroying a secret, or reading anything else.
+
+# Each target's published secret (consumers read it): read it, and write new versions with
+# check-and-set. One stanza per target (or one glob if they share a prefix).
+path "secret/data/monitoring/watcher_1" {
+  capabilities = ["create", "read", "update"]
+}
+
+# rotator's private state (<state_path>/targets/<target>) and per-target lease locks
+# (<state_path>/locks/<target>). rotator reads the latest version only (no metadata calls).
+path "secret/data/rotator/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+# At start and in the readiness probe: "is this mount KV version 2?".
+path "sys/internal/ui/mounts/secret" {
+  capabilities = ["read"]
+}
+
+# Its own token: the readiness probe looks it up; renewal keeps a renewable token alive.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
