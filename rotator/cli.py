@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,8 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = daemon.target_specs(settings)  # also compiles the rotation windows
         command = args.command
         if command == "check-config":
+            unchecked = _check_secret_files(settings)
             names = ", ".join(s.name for s in specs)
             print(f"{path}: OK, {len(specs)} target(s): {names}")
+            for note in unchecked:
+                print(f"  note: {note}")
             return EXIT_OK
         if command == "run" and not args.once and not args.dry_run:
             return daemon.Daemon(path, settings).run()
@@ -96,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.ConfigError as exc:
         print(f"rotator: config error: {log.redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except UsageError as exc:
+        print(f"rotator: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except errors.RotatorError as exc:
         print(f"rotator: {log.redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
@@ -104,13 +110,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")  # argparse limits the choices
 
 
+class UsageError(errors.RotatorError):
+    """The command line names something the config does not have."""
+
+
 def _check_targets(names: Sequence[str], runtime: daemon.Runtime) -> None:
     unknown = [n for n in names if n not in runtime.specs]
     if unknown:
         known = ", ".join(runtime.specs) or "none"
-        raise errors.ConfigError(
-            "targets", f"unknown target {', '.join(unknown)}: configured targets are {known}"
+        raise UsageError(f"unknown target {', '.join(unknown)}: configured targets are {known}")
+
+
+def _check_secret_files(settings: config.Settings) -> list[str]:
+    """Read every secret file the config names (never printing them), as `run` would.
+
+    ``credential:NAME`` files exist only inside the systemd unit: outside it they are noted,
+    not failed. Returns those notes.
+    """
+    notes = []
+    vault_auth = settings.vault.auth
+    readers: list[tuple[str, object, Callable[[], object]]] = [
+        (
+            "eim.credentials_file",
+            settings.eim.credentials_file,
+            lambda: config.read_eim_credentials(settings.eim),
+        ),
+    ]
+    if vault_auth.method == "token":
+        readers.append(
+            (
+                "vault.auth.token_file",
+                vault_auth.token_file,
+                lambda: config.read_vault_token(settings.vault),
+            )
         )
+    elif vault_auth.method == "approle" and vault_auth.approle is not None:
+        secret_id_file = vault_auth.approle.secret_id_file
+        readers.append(
+            (
+                "vault.auth.approle.secret_id_file",
+                secret_id_file,
+                lambda: config.read_secret_file(
+                    secret_id_file, "vault.auth.approle.secret_id_file"
+                ),
+            )
+        )
+    for key, value, read in readers:
+        if str(value or "").startswith("credential:") and not os.environ.get(
+            "CREDENTIALS_DIRECTORY"
+        ):
+            notes.append(f"{key} ({value}) is read only under systemd (LoadCredential=)")
+            continue
+        read()
+    return notes
 
 
 def _passes(

@@ -1096,8 +1096,13 @@ _GENERIC_EXPECTED = {
 
 
 def _config_error(exc: ValidationError) -> errors.ConfigError:
-    """The first problem of a ValidationError, with its key path, on one line."""
-    error = exc.errors(include_url=False)[0]
+    """The first problem of a ValidationError, with its key path, on one line.
+
+    An unknown key comes first: a typo (``secretpath``) also makes the real key look missing,
+    and the typo is the thing to fix.
+    """
+    found = exc.errors(include_url=False)
+    error = next((e for e in found if e["type"] == "extra_forbidden"), found[0])
     loc = tuple(error["loc"])
     kind = error["type"]
     context = error.get("ctx") or {}

@@ -91,6 +91,7 @@ def target_specs(settings: config.Settings) -> list[engine.TargetSpec]:
                     name=target.policy.name,
                     document=target.policy.document,
                     description=target.policy.description,
+                    path=target.policy.path,
                 ),
             )
         specs.append(

@@ -332,7 +332,9 @@ class Engine:
             if change.kind is kind.CREATE_GROUP:
                 self._iam.create_group(change.subject)
             elif change.kind is kind.CREATE_POLICY:
-                self._iam.create_policy(change.subject, change.description, change.document)
+                self._iam.create_policy(
+                    change.subject, change.description, change.document, change.path
+                )
                 policy = self._iam.get_policy(change.subject)
             elif change.kind is kind.DELETE_POLICY_VERSION:
                 assert policy is not None

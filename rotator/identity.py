@@ -26,6 +26,7 @@ class WantedPolicy:
     name: str
     document: Mapping[str, Any]
     description: str = ""
+    path: str = "/"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Desired:
             else {
                 "name": self.policy.name,
                 "description": self.policy.description,
+                "path": self.policy.path,
                 "document": self.policy.document,
             },
         }
@@ -72,6 +74,7 @@ class Change:
     version_id: str | None = None  # DELETE_POLICY_VERSION
     document: Mapping[str, Any] = field(default_factory=dict)  # CREATE_POLICY(_VERSION)
     description: str = ""  # CREATE_POLICY
+    path: str = "/"  # CREATE_POLICY
     group: str | None = None  # ATTACH_POLICY, ADD_USER_TO_GROUP
 
     def describe(self) -> str:
@@ -98,6 +101,7 @@ def plan(
                     "policy is missing",
                     document=wanted.document,
                     description=wanted.description,
+                    path=wanted.path,
                 )
             )
         elif not same_document(policy.document, wanted.document):

@@ -34,8 +34,10 @@ class Identity(Protocol):
 
     # changes (never deletions of users, groups or policies)
     def create_group(self, name: str) -> None: ...
-    def create_policy(self, name: str, description: str, document: Mapping[str, Any]) -> str:
-        """Create the policy; returns its ARN (ORN on OUTSCALE)."""
+    def create_policy(
+        self, name: str, description: str, document: Mapping[str, Any], path: str = "/"
+    ) -> str:
+        """Create the policy (under ``path``); returns its ARN (ORN on OUTSCALE)."""
         ...
 
     def create_policy_version(self, arn: str, document: Mapping[str, Any]) -> None:

@@ -436,16 +436,16 @@ class EimIdentity:
         with self._calling("CreateGroup"):
             self._client.create_group(GroupName=name)
 
-    def create_policy(self, name: str, description: str, document: Mapping[str, Any]) -> str:
+    def create_policy(
+        self, name: str, description: str, document: Mapping[str, Any], path: str = "/"
+    ) -> str:
+        request: dict[str, str] = {"PolicyName": name, "PolicyDocument": compact_json(document)}
+        if description:  # EIM is not known to accept an empty description
+            request["Description"] = description
+        if path != "/":
+            request["Path"] = path
         with self._calling("CreatePolicy"):
-            if description:
-                answer = self._client.create_policy(
-                    PolicyName=name, PolicyDocument=compact_json(document), Description=description
-                )
-            else:
-                answer = self._client.create_policy(
-                    PolicyName=name, PolicyDocument=compact_json(document)
-                )
+            answer = self._client.create_policy(**request)  # type: ignore[arg-type]
         return str(answer["Policy"]["Arn"])
 
     def create_policy_version(self, arn: str, document: Mapping[str, Any]) -> None:

@@ -93,6 +93,16 @@ def test_seed_identity_is_created_and_observed_back(
     assert described["Description"] == SEED_DESCRIPTION
 
 
+def test_a_policy_created_under_a_path_is_found_by_name(
+    identity: eim.EimIdentity, iam_admin: servers.MotoAdmin
+) -> None:
+    arn = identity.create_policy("scoped", "", SEED_DOCUMENT, path="/rotator/")
+    assert "/rotator/scoped" in arn
+    found = identity.get_policy("scoped")
+    assert found is not None and found.arn == arn
+    assert iam_admin.client().get_policy(PolicyArn=arn)["Policy"]["Path"] == "/rotator/"
+
+
 def test_creating_an_existing_group_is_already_exists(
     identity: eim.EimIdentity, seeded: str
 ) -> None:

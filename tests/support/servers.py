@@ -147,6 +147,7 @@ class MotoServer:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches only the test/demo
             )
             last_error = self._wait_ready(timeout)
             if not last_error:
@@ -321,6 +322,7 @@ class OpenBaoServer:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches only the test/demo
             )
             last_error = self._wait_healthy(timeout)
             if not last_error:

@@ -87,6 +87,7 @@ class FakeIAM:
         self.group_policies: dict[str, set[str]] = {}
         self.policies: dict[str, list[tuple[str, Mapping[str, Any], datetime]]] = {}
         self.default_version: dict[str, str] = {}
+        self.policy_paths: dict[str, str] = {}
         self.propagation = timedelta(0)
         self.break_next_keys = 0
         self.crash = CrashPlan()
@@ -167,8 +168,11 @@ class FakeIAM:
             raise errors.EimAlreadyExists(name, code="EntityAlreadyExists")
         self.groups[name] = set()
 
-    def create_policy(self, name: str, description: str, document: Mapping[str, Any]) -> str:
+    def create_policy(
+        self, name: str, description: str, document: Mapping[str, Any], path: str = "/"
+    ) -> str:
         self._call("CreatePolicy", True)
+        self.policy_paths[name] = path
         if name in self.policies:
             raise errors.EimAlreadyExists(name, code="EntityAlreadyExists")
         self.policies[name] = [("v1", dict(document), self.clock.now())]

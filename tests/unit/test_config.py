@@ -1253,3 +1253,11 @@ def test_config_module_imports_no_client_library() -> None:
 def test_format_key_path_writes_indexes_in_brackets() -> None:
     assert config.format_key_path(("targets", 0, "policy", "name")) == "targets[0].policy.name"
     assert config.format_key_path(()) == ""
+
+
+def test_a_typo_in_a_required_key_names_the_typo_not_the_missing_key(tmp_path: Path) -> None:
+    data = base()
+    data["targets"][0]["secretpath"] = data["targets"][0].pop("secret_path")
+    error = rejected(tmp_path, data)
+    assert error.path == "targets[0].secretpath"
+    assert "did you mean 'secret_path'" in error.message

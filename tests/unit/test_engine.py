@@ -302,3 +302,11 @@ def test_rotate_waits_for_the_lease_and_then_reports_the_holder() -> None:
     mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
     report = mine.run_pass(SPEC, force=True, lock_wait=0.05)
     assert report.skipped == "lock held by replica-b"
+
+
+def test_the_policy_is_created_under_its_configured_path() -> None:
+    wanted = identity.WantedPolicy("monitoring", DOC, "Allow describe", path="/rotator/")
+    desired = identity.Desired(user="watcher_1", group="monitoring", policy=wanted)
+    w = World(engine.TargetSpec("monitoring", "watcher_1", PATH, POLICY, desired=desired))
+    assert w.run().ok
+    assert w.iam.policy_paths == {"monitoring": "/rotator/"}
