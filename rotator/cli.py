@@ -42,24 +42,56 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rotator {rotator.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run the daemon (or one pass with --once)")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the daemon (or one pass with --once)",
+        description=(
+            "Run the daemon: a pass over each target every check_interval, metrics and probes "
+            "on metrics.listen. SIGTERM/SIGINT finish the step in flight and exit 0; SIGHUP "
+            "reloads the config (an invalid one is logged and the old one kept)."
+        ),
+        epilog="Exit: 0 stopped by a signal, or (--once) every target ok; 1 a target failed "
+        "or is blocked (--once); 2 config error.",
+    )
     run.add_argument("--once", action="store_true", help="one pass over every target, then exit")
     run.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
-    rotate = sub.add_parser("rotate", parents=[common], help="rotate targets now, whatever age")
-    rotate.add_argument("targets", nargs="+", metavar="TARGET")
+    rotate = sub.add_parser(
+        "rotate",
+        parents=[common],
+        help="rotate targets now, whatever age",
+        description="Create, verify and publish a new key for each TARGET now; the old key "
+        "then retires through grace, Inactive and deletion as usual.",
+        epilog="Exit: 0 rotated; 1 failed, blocked, or locked by another replica; 2 usage.",
+    )
+    rotate.add_argument("targets", nargs="+", metavar="TARGET", help="a target name")
     rotate.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
-    status = sub.add_parser("status", parents=[common], help="show each target's keys and state")
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="show each target's keys and state",
+        description="Per target: current key and age, next due time, retiring keys and their "
+        "phase, pending key, foreign keys, last problem. Reads IAM and Vault, changes nothing.",
+        epilog="Exit: 0 all fine; 1 a target has a problem or could not be read; 2 config.",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sub.add_parser("check-config", parents=[common], help="validate the config, touch nothing")
+    sub.add_parser(
+        "check-config",
+        parents=[common],
+        help="validate the config, touch nothing",
+        description="Validate the config and read the secret files it names; contacts neither "
+        "IAM nor Vault.",
+        epilog="Exit: 0 valid; 2 invalid (one line naming the key).",
+    )
 
     adopt = sub.add_parser(
         "adopt", parents=[common], help="hand a foreign key to rotator, which then retires it"
     )
-    adopt.add_argument("target", metavar="TARGET")
-    adopt.add_argument("key_id", metavar="KEY_ID")
+    adopt.add_argument("target", metavar="TARGET", help="the target whose user has the key")
+    adopt.add_argument("key_id", metavar="KEY_ID", help="the foreign access key id")
     adopt.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return parser
 
