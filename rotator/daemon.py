@@ -29,7 +29,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 import rotator
-from rotator import config, engine, errors, identity, log, metrics, model, rotation
+from rotator import config, engine, errors, identity, log, metrics, model, rotation, systemd
 from rotator.adapters import eim, vault
 
 logger = structlog.get_logger("rotator.daemon")
@@ -241,6 +241,8 @@ class Daemon:
         self._runtime = build_runtime(settings, self._clock)
         self._scheduler: Any = None
         self._server: metrics.MetricsServer | None = None
+        self._notifier = systemd.Notifier.from_env()
+        self._announced_ready = False
 
     # probes
     def _healthy(self) -> tuple[bool, str]:
@@ -263,10 +265,15 @@ class Daemon:
             if not self._health.vault_ok:
                 logger.info("vault_ready")
             self._health.vault_ok, self._health.vault_reason = True, "ok"
+            if not self._announced_ready:  # systemd: config loaded and Vault auth works
+                self._announced_ready = True
+                self._notifier.ready(f"{len(self._runtime.specs)} targets")
         self._metrics.set_ready(self._health.vault_ok)
 
     def _beat(self) -> None:
+        """The scheduler's heartbeat: /healthz and the systemd watchdog both follow it."""
         self._health.heartbeat = time.monotonic()
+        self._notifier.watchdog()
 
     # jobs
     def _job(self, name: str) -> None:
@@ -306,6 +313,7 @@ class Daemon:
 
     def _reload(self) -> None:
         old = self._runtime
+        self._notifier.reloading("reloading the config")
         try:
             settings = config.load(self._config_path)
             runtime = build_runtime(settings, self._clock)
@@ -313,6 +321,7 @@ class Daemon:
             logger.error("config_reload_failed", error=str(exc), kept="the running config")
             self._metrics.record_error("", "config")
             self._metrics.record_reload(False)
+            self._notifier.ready("config reload failed: kept the running config")
             return
         if settings.metrics.listen != old.settings.metrics.listen:
             logger.warning("metrics_listen_unchanged", reason="metrics.listen needs a restart")
@@ -323,6 +332,8 @@ class Daemon:
         self._schedule(runtime)
         self._metrics.record_reload(True)
         self._probe_vault()
+        old.store.close()
+        self._notifier.ready(f"{len(runtime.specs)} targets (config reloaded)")
         logger.info("config_reloaded", targets=len(runtime.specs))
 
     # signals
@@ -392,9 +403,12 @@ class Daemon:
                     self._reload()
         finally:
             logger.info("daemon_stopping", reason="signal")
+            self._notifier.stopping("finishing the steps in flight")
             self._scheduler.shutdown(wait=True)  # each job ends at its next step boundary
             self._server.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self._runtime.store.close()
+            self._notifier.close()
             logger.info("daemon_stopped")
         return 0
