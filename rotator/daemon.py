@@ -364,8 +364,13 @@ class Daemon:
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
+        # Passes may take minutes (a key still propagating): the heartbeat and the Vault probe
+        # get their own threads so that long passes never starve /healthz or the watchdog.
         self._scheduler = BackgroundScheduler(
-            executors={"default": JobThreadPool(max_workers=settings.workers)},
+            executors={
+                "default": JobThreadPool(max_workers=settings.workers),
+                "control": JobThreadPool(max_workers=2),
+            },
             timezone=UTC,
         )
         self._probe_vault()
@@ -376,6 +381,7 @@ class Daemon:
             id="heartbeat",
             max_instances=1,
             coalesce=True,
+            executor="control",
         )
         self._scheduler.add_job(
             self._probe_vault,
@@ -383,6 +389,7 @@ class Daemon:
             id="vault-probe",
             max_instances=1,
             coalesce=True,
+            executor="control",
         )
         self._schedule(self._runtime)
         self._scheduler.start()

@@ -68,3 +68,34 @@ def test_ready_watchdog_reloading_and_stopping_reach_the_notify_socket(
         process.send_signal(signal.SIGTERM)
         receive_until(sock, "STOPPING=1", 15)
         assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(90)
+def test_the_watchdog_keeps_beating_while_every_worker_is_busy(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    iam_proxy: Any,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    cfg = write_config(
+        tmp_path, iam_admin, vault, servers.free_port(), endpoint=iam_proxy.endpoint, workers=1
+    )
+    held = iam_proxy.hold(action="CreateAccessKey")  # the only worker waits inside a pass
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**daemon_env, "NOTIFY_SOCKET": address},
+        )
+        started.append(process)
+        assert held.wait_arrived(30)
+        receive_until(sock, "WATCHDOG=1", 15)
+        receive_until(sock, "WATCHDOG=1", 15)  # a second beat, still with the pass held
+        held.release()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
