@@ -79,10 +79,18 @@ def test_the_watchdog_keeps_beating_while_every_worker_is_busy(
     daemon_env: dict[str, str],
     started: list[subprocess.Popen[bytes]],
 ) -> None:
+    # The only worker spends its pass verifying a key IAM refuses for a minute.
     cfg = write_config(
-        tmp_path, iam_admin, vault, servers.free_port(), endpoint=iam_proxy.endpoint, workers=1
+        tmp_path,
+        iam_admin,
+        vault,
+        servers.free_port(),
+        endpoint=iam_proxy.endpoint,
+        workers=1,
+        max_age="5m",
+        verify_timeout="90s",
     )
-    held = iam_proxy.hold(action="CreateAccessKey")  # the only worker waits inside a pass
+    iam_proxy.reject_young_keys(60)
     address = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
@@ -93,9 +101,12 @@ def test_the_watchdog_keeps_beating_while_every_worker_is_busy(
             env={**daemon_env, "NOTIFY_SOCKET": address},
         )
         started.append(process)
-        assert held.wait_arrived(30)
+        receive_until(sock, "READY=1", 30)
+        deadline = time.monotonic() + 30
+        while iam_proxy.count(action="GetUser", status=403) < 1:  # verification has begun
+            assert time.monotonic() < deadline, "no verification attempt seen"
+            time.sleep(0.1)
         receive_until(sock, "WATCHDOG=1", 15)
-        receive_until(sock, "WATCHDOG=1", 15)  # a second beat, still with the pass held
-        held.release()
+        receive_until(sock, "WATCHDOG=1", 15)  # a second beat, the worker still verifying
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
