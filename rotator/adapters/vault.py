@@ -27,31 +27,61 @@ from urllib.parse import urlsplit, urlunsplit
 import hvac
 import hvac.exceptions
 import requests
+import structlog
 
 from rotator import errors, model
+
+log = structlog.get_logger("rotator.vault")
 
 # --- how rotator authenticates -----------------------------------------------------------------
 
 
+SecretSource = model.Secret | Callable[[], model.Secret]
+"""A secret as is, or a callable returning its current value (re-read from its file each time,
+so a rotated file is picked up without a restart; it may raise :class:`errors.ConfigError`)."""
+
+
+def _current(source: SecretSource) -> model.Secret:
+    return source if isinstance(source, model.Secret) else source()
+
+
 @dataclass(frozen=True)
 class TokenAuth:
-    """A token given as is (``VAULT_TOKEN`` or ``vault.auth.token_file``); cannot re-login."""
+    """A token given by the operator (``VAULT_TOKEN`` or ``vault.auth.token_file``).
 
-    token: model.Secret
+    It cannot log in again; given as a callable, it is re-read by :meth:`VaultStore.refresh_token`
+    and after a 403, so a new token written to the file is taken without a restart.
+    """
+
+    token: SecretSource
+
+    def current_token(self) -> model.Secret:
+        return _current(self.token)
 
 
 @dataclass(frozen=True)
 class AppRoleAuth:
+    """AppRole login; ``secret_id`` as a callable is re-read at every login."""
+
     role_id: str
-    secret_id: model.Secret
+    secret_id: SecretSource
     mount: str = "approle"
+
+    def current_secret_id(self) -> model.Secret:
+        return _current(self.secret_id)
 
 
 @dataclass(frozen=True)
 class KubernetesAuth:
+    """Kubernetes login with the pod's service account token; ``jwt`` as a callable is re-read
+    at every login (the kubelet rotates projected tokens)."""
+
     role: str
-    jwt: model.Secret  # the pod's service account token
+    jwt: SecretSource
     mount: str = "kubernetes"
+
+    def current_jwt(self) -> model.Secret:
+        return _current(self.jwt)
 
 
 Auth = TokenAuth | AppRoleAuth | KubernetesAuth
@@ -115,7 +145,9 @@ class VaultStore:
 
     Thread-safe: the engine's workers share one instance. AppRole and Kubernetes log in lazily on
     first use, and once more (then retry the call once) when Vault answers 403, since the token
-    may have expired or been revoked meanwhile.
+    may have expired or been revoked meanwhile; a token given as a callable is re-read then, and
+    the call retried if it changed. :meth:`refresh_token`, called periodically, renews the token
+    before it expires and logs in again before it reaches its max TTL.
     """
 
     def __init__(
@@ -151,8 +183,9 @@ class VaultStore:
         # Logins go through a client that never carries a token, so a stale one is never sent.
         self._login_client: Any = hvac.Client(token="", **options)
         self._token: model.Secret | None = None
-        self._login_lock = threading.Lock()
-        if isinstance(auth, TokenAuth):
+        self._login_lock = threading.Lock()  # held while the token is replaced
+        self._refresh_lock = threading.Lock()  # one refresh_token() at a time
+        if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
 
     def __repr__(self) -> str:
@@ -173,14 +206,24 @@ class VaultStore:
     def login(self) -> None:
         """Obtain a token from the auth method now (for a plain token: take it as given)."""
         with self._login_lock:
-            self._login()
+            self._login("requested")
 
-    def _login(self) -> None:
-        """The login itself; the caller holds ``_login_lock``."""
+    def _login(self, reason: str) -> bool:
+        """The login itself; the caller holds ``_login_lock``. True if the token changed.
+
+        A :class:`TokenAuth` cannot log in: its source is re-read, and the token changes only if
+        the operator wrote a new one. AppRole and Kubernetes re-read their secret id / JWT too.
+        """
         auth = self._auth
+        first = self._token is None
         if isinstance(auth, TokenAuth):
-            self._set_token(auth.token)
-            return
+            token = auth.current_token()
+            if token == self._token:
+                return False
+            self._set_token(token)
+            if not first:
+                log.info("vault_token_reloaded", reason=reason)
+            return True
         try:
             response = _login_request(self._login_client, auth)
         except (
@@ -193,13 +236,100 @@ class VaultStore:
         except (hvac.exceptions.VaultError, requests.RequestException) as exc:
             op = _Op("update", f"auth/{auth.mount}/login", f"log in with {_method(auth)}")
             raise _translate(op, exc, self._address, self._token_source()) from exc
-        token = _text(_mapping(_mapping(response).get("auth")).get("client_token"))
-        if not token:
+        answer = _mapping(_mapping(response).get("auth"))
+        issued = _text(answer.get("client_token"))
+        if not issued:
             raise errors.VaultDenied(
                 f"{_method(auth)} login at auth/{auth.mount}/login on {self._address} returned "
                 f"no token: {_login_fix(auth)}"
             )
-        self._set_token(model.Secret(token))
+        self._set_token(model.Secret(issued))
+        log.info(
+            "vault_login" if first else "vault_relogin",
+            method=_method(auth),
+            mount=auth.mount,
+            reason=reason,
+            ttl=_seconds(answer.get("lease_duration")),
+            renewable=answer.get("renewable") is True,
+        )
+        return True
+
+    def refresh_token(self, *, period: float = 15.0) -> None:
+        """Keep the token alive; call it every ``period`` seconds (any thread, passes running).
+
+        Looks the token up. If its remaining TTL is at most ``max(creation TTL / 2, 2 * period)``
+        (so one missed call still leaves time), renews it by its creation TTL. If it cannot be
+        renewed, the renewal is refused, or the renewal gave less than asked (the token reached
+        its max TTL): AppRole and Kubernetes log in again, re-reading the secret id / JWT; a
+        static token raises :class:`errors.VaultDenied` saying when it expires and how to give a
+        new one. A static token given as a callable is re-read first, so a new token written to
+        its file is taken. A token Vault rejects (expired, revoked) makes AppRole and Kubernetes
+        log in again and a static token raise VaultDenied. A token that never expires (root) is
+        left alone. Calls in flight keep working meanwhile: the old token is not revoked.
+        """
+        with self._refresh_lock:
+            if isinstance(self._auth, TokenAuth):
+                with self._login_lock:
+                    self._login("token source changed")
+            info = self._lookup_ttl()
+            current = self._token
+            if info.ttl <= 0:
+                return  # never expires
+            threshold = max(info.creation_ttl / 2, 2 * period)
+            if info.ttl > threshold:
+                return
+            remaining = info.ttl
+            if not info.renewable:
+                reason = "not renewable"
+            else:
+                asked = max(info.creation_ttl, 1)
+                try:
+                    renewed = self._renew_self(asked)
+                except errors.VaultError as exc:
+                    if exc.transient or isinstance(self._auth, TokenAuth):
+                        raise
+                    reason = "renewal refused"
+                else:
+                    log.info(
+                        "vault_token_renewed",
+                        previous_ttl=info.ttl,
+                        ttl=renewed,
+                        asked=asked,
+                        max_ttl_reached=renewed < asked,
+                    )
+                    if renewed >= asked:
+                        return
+                    remaining, reason = renewed, "max TTL reached"
+            if not isinstance(self._auth, TokenAuth):
+                assert current is not None  # the lookup went through with a token
+                self._relogin(replacing=current, reason=reason)
+                return
+            if remaining > threshold:
+                log.warning("vault_token_expiring", ttl=remaining, reason=reason)
+                return
+            raise errors.VaultDenied(self._static_token_expiring(remaining, reason))
+
+    def _static_token_expiring(self, remaining: int, reason: str) -> str:
+        why = "it reached its max TTL" if reason == "max TTL reached" else "it is not renewable"
+        return (
+            f"rotator's token for Vault at {self._address} expires in {remaining}s and cannot be "
+            f"extended ({why}): {_STATIC_AUTH_FIX}; a periodic token (token role with a period) "
+            "has no max TTL, and AppRole or Kubernetes auth log in again by themselves"
+        )
+
+    def _lookup_ttl(self) -> _TokenTtl:
+        data = _mapping(self._lookup_self().get("data"))
+        return _TokenTtl(
+            ttl=_seconds(data.get("ttl")),
+            creation_ttl=_seconds(data.get("creation_ttl")),
+            renewable=data.get("renewable") is True,
+        )
+
+    def _renew_self(self, increment: int) -> int:
+        """Renew the token by ``increment`` seconds; the TTL Vault granted."""
+        op = _Op("update", "auth/token/renew-self", "renew rotator's own token")
+        answer = self._call(op, lambda client: client.auth.token.renew_self(increment=increment))
+        return _seconds(_mapping(_mapping(answer).get("auth")).get("lease_duration"))
 
     def token_ttl(self) -> int | None:
         """Seconds the current token has left; None if it never expires (a root token)."""
@@ -396,14 +526,17 @@ class VaultStore:
     # --- calling Vault -------------------------------------------------------------------
 
     def _call(self, op: _Op, call: Callable[[Any], Any]) -> Any:
-        """Run ``call`` with a token, re-login once on 403 when the method allows, translate."""
+        """Run ``call`` with a token, re-login once on 403 when the method allows, translate.
+
+        A static token "logs in again" only if re-reading its source gives another token.
+        """
         used = self._ensure_token()
         try:
             return self._attempt(op, call)
         except _Forbidden as denied:
-            if isinstance(self._auth, TokenAuth):
-                raise self._forbidden(op, denied.cause, relogged=False) from denied.cause
-        self._relogin(replacing=used)
+            rejected = denied.cause
+        if not self._relogin(replacing=used, reason="token rejected"):
+            raise self._forbidden(op, rejected, relogged=False) from rejected
         try:
             return self._attempt(op, call)
         except _Forbidden as denied:
@@ -423,23 +556,26 @@ class VaultStore:
             return token
         with self._login_lock:
             if self._token is None:
-                self._login()
+                self._login("first use")
             assert self._token is not None  # _login() sets it or raises
             return self._token
 
-    def _relogin(self, replacing: model.Secret) -> None:
+    def _relogin(self, replacing: model.Secret, reason: str) -> bool:
+        """Replace the token ``replacing``; True if another one is now in use."""
         with self._login_lock:
-            if self._token is replacing:  # another thread may have logged in already
-                self._login()
+            if self._token is not replacing:  # another thread logged in already
+                return True
+            return self._login(reason)
 
     def _set_token(self, token: model.Secret) -> None:
-        self._token = token
+        # The client first: a thread that reads the new ``_token`` then sends the new token.
         self._client.token = token.reveal()
+        self._token = token
 
     def _token_source(self) -> str:
         auth = self._auth
         if isinstance(auth, TokenAuth):
-            return "the token comes from VAULT_TOKEN or vault.auth.token_file: issue a new one"
+            return f"the token comes from VAULT_TOKEN or vault.auth.token_file: {_STATIC_AUTH_FIX}"
         if isinstance(auth, AppRoleAuth):
             return (
                 f"the token comes from AppRole login at auth/{auth.mount}: check the role's "
@@ -466,7 +602,13 @@ class VaultStore:
         """A 403 means a bad token or a policy that does not grant the path: tell which."""
         token_valid = False if op.path == "auth/token/lookup-self" else self._token_valid()
         if token_valid is False:
-            again = " even right after a fresh login" if relogged else ""
+            again = ""
+            if relogged:
+                again = (
+                    " even after re-reading its source"
+                    if isinstance(self._auth, TokenAuth)
+                    else " even right after a fresh login"
+                )
             return errors.VaultDenied(
                 f"Vault at {self._address} rejected rotator's token{again} (invalid, expired or "
                 f"revoked, or without the default policy) when trying to {op.purpose}: "
@@ -494,18 +636,32 @@ class VaultStore:
 
 # --- logging in ----------------------------------------------------------------------------------
 
+_STATIC_AUTH_FIX = (
+    "issue a new token and write it to vault.auth.token_file (re-read without a restart), or "
+    "set VAULT_TOKEN and restart rotator"
+)
+
+
+@dataclass(frozen=True)
+class _TokenTtl:
+    """The typed part of lookup-self (its answer also holds the token itself: never kept)."""
+
+    ttl: int  # seconds left; 0: never expires
+    creation_ttl: int
+    renewable: bool
+
 
 def _login_request(client: Any, auth: AppRoleAuth | KubernetesAuth) -> Any:
     """POST the login; the token is taken from the answer, never kept in ``client``."""
     if isinstance(auth, AppRoleAuth):
         return client.auth.approle.login(
             role_id=auth.role_id,
-            secret_id=auth.secret_id.reveal(),
+            secret_id=auth.current_secret_id().reveal(),
             use_token=False,
             mount_point=auth.mount,
         )
     return client.auth.kubernetes.login(
-        role=auth.role, jwt=auth.jwt.reveal(), use_token=False, mount_point=auth.mount
+        role=auth.role, jwt=auth.current_jwt().reveal(), use_token=False, mount_point=auth.mount
     )
 
 
@@ -618,6 +774,15 @@ def _mapping(value: object) -> dict[str, Any]:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _seconds(value: object) -> int:
+    """A TTL in whole seconds from an answer; 0 if absent or not a number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return 0
 
 
 def _version(value: object) -> int:
