@@ -35,6 +35,7 @@ from rotator.adapters import eim, vault
 logger = structlog.get_logger("rotator.daemon")
 
 HEARTBEAT_SECONDS = 5.0
+VAULT_PROBE_SECONDS = 15.0  # readiness check and token renewal
 HEALTHY_WITHIN_SECONDS = 30.0
 
 
@@ -131,28 +132,35 @@ def build_identity(settings: config.EimSettings) -> eim.EimIdentity:
 
 
 def build_store(settings: config.VaultSettings) -> vault.VaultStore:
+    """The Vault adapter. Secret files are re-read at each login (rotated files are picked up)
+    and read once here too, so a missing or empty file fails at start, naming its key."""
     auth_settings = settings.auth
     auth: vault.TokenAuth | vault.AppRoleAuth | vault.KubernetesAuth
+    source: Callable[[], model.Secret]
     if auth_settings.method == "approle":
         assert auth_settings.approle is not None
+        secret_id_file = auth_settings.approle.secret_id_file
+        source = lambda: config.read_secret_file(  # noqa: E731
+            secret_id_file, "vault.auth.approle.secret_id_file"
+        )
         auth = vault.AppRoleAuth(
             role_id=auth_settings.approle.role_id,
-            secret_id=config.read_secret_file(
-                auth_settings.approle.secret_id_file, "vault.auth.approle.secret_id_file"
-            ),
+            secret_id=source,
             mount=auth_settings.approle.mount,
         )
     elif auth_settings.method == "kubernetes":
         assert auth_settings.kubernetes is not None
+        jwt_file = auth_settings.kubernetes.token_file
+        source = lambda: config.read_secret_file(  # noqa: E731
+            jwt_file, "vault.auth.kubernetes.token_file"
+        )
         auth = vault.KubernetesAuth(
-            role=auth_settings.kubernetes.role,
-            jwt=config.read_secret_file(
-                auth_settings.kubernetes.token_file, "vault.auth.kubernetes.token_file"
-            ),
-            mount=auth_settings.kubernetes.mount,
+            role=auth_settings.kubernetes.role, jwt=source, mount=auth_settings.kubernetes.mount
         )
     else:
-        auth = vault.TokenAuth(config.read_vault_token(settings))
+        source = lambda: config.read_vault_token(settings)  # noqa: E731
+        auth = vault.TokenAuth(source)
+    source()
     assert settings.address is not None
     return vault.VaultStore(
         address=settings.address,
@@ -255,8 +263,15 @@ class Daemon:
         return self._health.vault_ok, self._health.vault_reason
 
     def _probe_vault(self) -> None:
+        store = self._runtime.store
         try:
-            self._runtime.store.check()
+            store.refresh_token(period=VAULT_PROBE_SECONDS)
+        except errors.RotatorError as exc:
+            # e.g. a static token near its max TTL: say so while it still works
+            logger.warning("vault_token_not_refreshed", error=str(exc))
+            self._metrics.record_error("", "vault")
+        try:
+            store.check()
         except errors.RotatorError as exc:
             if self._health.vault_ok or self._health.vault_reason != str(exc):
                 logger.warning("vault_not_ready", error=str(exc))
@@ -374,7 +389,6 @@ class Daemon:
             timezone=UTC,
         )
         self._probe_vault()
-        probe_every = max(HEARTBEAT_SECONDS, 15.0)
         self._scheduler.add_job(
             self._beat,
             IntervalTrigger(seconds=HEARTBEAT_SECONDS),
@@ -385,7 +399,7 @@ class Daemon:
         )
         self._scheduler.add_job(
             self._probe_vault,
-            IntervalTrigger(seconds=probe_every),
+            IntervalTrigger(seconds=VAULT_PROBE_SECONDS),
             id="vault-probe",
             max_instances=1,
             coalesce=True,
