@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.support import servers
 from tests.support.faultproxy import FaultProxy, Hold, Request, _error_code, _tag
-from tests.support.harness import secret_path_of, user_of
+from tests.support.harness import secret_path_of, user_of, wait_for
 
 
 class Create(NamedTuple):
@@ -162,6 +162,7 @@ class Replica:
     pids: list[int] = field(default_factory=list)
     kills: int = 0
     restarts: int = 0
+    _offset: int = 0  # where the current incarnation's log begins
 
     @property
     def log(self) -> Path:
@@ -176,6 +177,7 @@ class Replica:
 
     def start(self) -> None:
         assert not self.running(), f"{self.name} is already running"
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "rotator", "run", "-c", str(self.cfg)],
@@ -194,9 +196,19 @@ class Replica:
         self.process.wait(timeout=10)
         self.kills += 1
 
+    def up(self) -> bool:
+        """Whether the current incarnation logged daemon_started (its signal handlers are set:
+        a SIGTERM before that meets Python's default action, an exit by signal 15)."""
+        if not self.running():
+            return False
+        with self.log.open("rb") as log:
+            log.seek(self._offset)
+            return b'"event": "daemon_started"' in log.read()
+
     def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait: the exit code (0 when the daemon stopped cleanly)."""
+        """Wait until it is up, SIGTERM it and wait: the exit code (0 when it stopped cleanly)."""
         assert self.process is not None and self.running(), f"{self.name} is not running"
+        wait_for(self.up, timeout, f"{self.name} started", self.process)
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
 
