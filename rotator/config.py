@@ -341,7 +341,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            if not _HOSTNAME_RE.fullmatch(host):
+            if re.fullmatch(r"[0-9.]+", host) or not _HOSTNAME_RE.fullmatch(host):
                 raise ValueError(
                     f"invalid listen address '{text}': '{host}' is neither an IP address nor "
                     f"a host name; {hint}"

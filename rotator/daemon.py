@@ -111,7 +111,10 @@ def target_specs(settings: config.Settings) -> list[engine.TargetSpec]:
                 desired=desired,
                 identity_check_interval=timing.identity_check_interval,
                 window_open=rotation_window(
-                    timing.rotation_window, f"targets[{index}].rotation_window"
+                    timing.rotation_window,
+                    f"targets[{index}].rotation_window"
+                    if "rotation_window" in target.overrides
+                    else "defaults.rotation_window",
                 ),
             )
         )
@@ -122,13 +125,21 @@ def build_identity(settings: config.EimSettings) -> eim.EimIdentity:
     return eim.EimIdentity(
         region=settings.region,
         endpoint_url=settings.endpoint_url,
-        credentials=config.read_eim_credentials(settings),
+        # re-read before calls: a rotated credentials file is picked up without a restart
+        credentials=None
+        if settings.credentials_file is None
+        else lambda: _required(config.read_eim_credentials(settings)),
         signing_name=settings.signing_name,
         connect_timeout=settings.connect_timeout.total_seconds(),
         read_timeout=settings.read_timeout.total_seconds(),
         max_attempts=settings.max_attempts,
         verify_action=settings.verify_action,
     )
+
+
+def _required(credentials: tuple[str, model.Secret] | None) -> tuple[str, model.Secret]:
+    assert credentials is not None  # credentials_file is set
+    return credentials
 
 
 def build_store(settings: config.VaultSettings) -> vault.VaultStore:
@@ -303,7 +314,7 @@ class Daemon:
                 self._probe_vault()
         except Exception:  # the daemon must outlive any one target's bug
             logger.exception("job_crashed", target=name)
-            self._metrics.record_error(name, "internal")
+            self._metrics.record_error(name, "other")
 
     def _schedule(self, runtime: Runtime) -> None:
         scheduler = self._scheduler

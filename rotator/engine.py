@@ -175,14 +175,16 @@ class Engine:
         skipped: str | None = None
         components: list[str] = []
         try:
-            p = self._observe(spec)
+            p = self._observe_vault(spec)
+            self._observe_keys(p)
             if self._needs_work(p, force=force):
                 if self._lock is None or self._dry_run:
                     self._work(p, force=force)
                 else:
                     with self._leased(spec, lock_wait) as lease:
-                        p = self._observe(spec)
+                        p = self._observe_vault(spec)
                         p.lease = lease
+                        self._observe_keys(p)
                         self._work(p, force=force)
         except LockHeld as held:
             skipped = f"lock held by {held.holder}"
@@ -199,7 +201,7 @@ class Engine:
             self._record_failure(p, error)
         except Exception as exc:  # one target's bug must not stop the others
             error = f"internal error: {type(exc).__name__}: {exc}"
-            components.append("internal")
+            components.append("other")
             bound.exception("pass_crashed", error=error)
             self._record_failure(p, error)
         report = self._report(spec, p, error, components, time.perf_counter() - started, skipped)
@@ -221,13 +223,11 @@ class Engine:
             )
         return report
 
-    def _observe(self, spec: TargetSpec) -> _Pass:
+    def _observe_vault(self, spec: TargetSpec) -> _Pass:
         # Vault first: without it no IAM change may happen.
         stored = self._store.read_state(spec.name)
         published = self._store.read_published(spec.secret_path)
-        p = _Pass(spec=spec, stored=stored, published=published, state=stored.state)
-        self._observe_keys(p)
-        return p
+        return _Pass(spec=spec, stored=stored, published=published, state=stored.state)
 
     def _observe_keys(self, p: _Pass) -> None:
         try:
@@ -675,10 +675,16 @@ class Engine:
         """Observe a target without changing anything."""
         stored = self._store.read_state(spec.name)
         published = self._store.read_published(spec.secret_path)
+        problem: str | None = None
         try:
             keys = self._iam.list_keys(spec.user)
         except errors.EimNoSuchEntity:
-            keys = []
+            keys = []  # with a managed identity the next pass creates the user
+            if spec.desired is None:
+                problem = (
+                    f"user {spec.user} does not exist: create it, or give target {spec.name} "
+                    "a group so rotator manages the user"
+                )
         state = stored.state
         now = self._clock.now()
         decision = rotation.decide(
@@ -708,7 +714,7 @@ class Engine:
             foreign=decision.foreign,
             keys=tuple(keys),
             blocked=decision.blocked,
-            last_error=state.last_error,
+            last_error=problem or state.last_error,
             last_rotation_at=state.last_rotation_at,
             failures=state.failures,
         )
@@ -727,9 +733,10 @@ class Engine:
         if key_id in state.created_ids or key_id in state.tracked_ids():
             return f"{key_id} is already managed by rotator for target {spec.name}"
         new_state = rotation.adopt(state, key, spec.policy, self._clock.now())
-        if not self._dry_run:
-            self._store.write_state(spec.name, new_state, stored.version)
-        log.info("key_adopted", target=spec.name, key_id=key_id, dry_run=self._dry_run)
+        if self._dry_run:
+            return f"would adopt {key_id}: it would retire through grace, Inactive and deletion"
+        self._store.write_state(spec.name, new_state, stored.version)
+        log.info("key_adopted", target=spec.name, key_id=key_id)
         return f"{key_id} adopted: it retires through grace, Inactive and deletion"
 
 

@@ -16,17 +16,21 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.exceptions
 import botocore.parsers
+import structlog
 from botocore.config import Config
 
 from rotator import errors, model
+
+_log = structlog.get_logger("rotator.eim")
 
 if TYPE_CHECKING:
     from mypy_boto3_iam import IAMClient
@@ -265,7 +269,7 @@ class EimIdentity:
         *,
         region: str,
         endpoint_url: str | None,
-        credentials: tuple[str, model.Secret] | None,
+        credentials: tuple[str, model.Secret] | Callable[[], tuple[str, model.Secret]] | None,
         signing_name: str = "iam",
         connect_timeout: float = 5.0,
         read_timeout: float = 15.0,
@@ -289,35 +293,58 @@ class EimIdentity:
             read_timeout=min(read_timeout, _VERIFY_READ_TIMEOUT),
             user_agent_extra="rotator",
         )
-        try:
-            if credentials is None:
-                self._session = boto3.Session(region_name=region)
-            else:
-                key_id, secret = credentials
-                self._session = boto3.Session(
-                    aws_access_key_id=key_id,
-                    aws_secret_access_key=secret.reveal(),
-                    region_name=region,
-                )
-        except botocore.exceptions.BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile
-            raise errors.ConfigError(
-                "eim", f"the boto3 session cannot be set up: {_safe(str(exc))}"
-            ) from exc
         # boto3 sessions are not thread-safe (clients are): verify_key makes a client per call.
         self._session_lock = threading.Lock()
-        config = Config(
+        self._config = Config(
             retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             user_agent_extra="rotator",
         )
+        # A callable is a file read again before calls (at most once a second), so a rotated
+        # credentials file is picked up without a restart.
+        self._source = credentials if callable(credentials) else None
+        self._checked_at = time.monotonic()
+        self._credentials = credentials() if callable(credentials) else credentials
+        self._session, self._client = self._build(self._credentials)
+
+    def _build(
+        self, credentials: tuple[str, model.Secret] | None
+    ) -> tuple[boto3.Session, IAMClient]:
         try:
-            self._client: IAMClient = self._session.client(
-                "iam", endpoint_url=endpoint_url, config=config
+            if credentials is None:
+                session = boto3.Session(region_name=self._region)
+            else:
+                key_id, secret = credentials
+                session = boto3.Session(
+                    aws_access_key_id=key_id,
+                    aws_secret_access_key=secret.reveal(),
+                    region_name=self._region,
+                )
+        except botocore.exceptions.BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile
+            raise errors.ConfigError(
+                "eim", f"the boto3 session cannot be set up: {_safe(str(exc))}"
+            ) from exc
+        try:
+            client: IAMClient = session.client(
+                "iam", endpoint_url=self._endpoint_url, config=self._config
             )
         except ValueError as exc:  # botocore's "Invalid endpoint"
-            raise errors.ConfigError("eim.endpoint", f"{endpoint_url!r}: {exc}") from exc
-        self._register_signing_name(self._client, "iam")
+            raise errors.ConfigError("eim.endpoint", f"{self._endpoint_url!r}: {exc}") from exc
+        self._register_signing_name(client, "iam")
+        return session, client
+
+    def _reload_credentials(self) -> None:
+        if self._source is None or time.monotonic() - self._checked_at < 1.0:
+            return
+        with self._session_lock:
+            self._checked_at = time.monotonic()
+            fresh = self._source()
+            if fresh == self._credentials:
+                return
+            self._session, self._client = self._build(fresh)
+            self._credentials = fresh
+        _log.info("eim_credentials_reloaded", key_id=fresh[0])
 
     def __repr__(self) -> str:
         return f"EimIdentity(endpoint={self.endpoint!r}, region={self._region!r})"
@@ -336,6 +363,7 @@ class EimIdentity:
     @contextlib.contextmanager
     def _calling(self, operation: str) -> Iterator[None]:
         """Translate whatever botocore raises while ``operation`` (``CreateUser``) runs."""
+        self._reload_credentials()
         try:
             yield
         except _BOTO_ERRORS as exc:

@@ -2,7 +2,7 @@
 
 Each test either covers a fault class the other e2e tests do not (kill -9 at every step of a
 rotation, Vault dying under a running daemon, a narrow EIM admin policy, a metrics port already
-taken), or is a strict xfail that reproduces a bug: it starts passing when the bug is fixed.
+taken); two began as strict xfails reproducing bugs since fixed (credentials file re-read, status of a failing target).
 """
 
 from __future__ import annotations
@@ -466,11 +466,6 @@ def test_daemon_picks_up_a_rotated_vault_token_file_without_a_restart(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="eim.credentials_file is read once at start (example config: 'read at each use'): "
-    "after the admin key is rotated in the file, every pass fails InvalidClientTokenId",
-)
 def test_daemon_picks_up_a_rotated_eim_credentials_file_without_a_restart(
     tmp_path: Path,
     iam_admin: servers.MotoAdmin,
@@ -509,12 +504,6 @@ def test_daemon_picks_up_a_rotated_eim_credentials_file_without_a_restart(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pass that fails while observing IAM (here: the user does not exist and the target "
-    "has no group) records no last_error, and `rotator status` swallows NoSuchEntity: status "
-    "exits 0 with no problem shown while every pass fails",
-)
 def test_status_exits_1_and_shows_the_problem_of_a_target_whose_user_does_not_exist(
     tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, env: dict[str, str]
 ) -> None:

@@ -310,3 +310,11 @@ def test_the_policy_is_created_under_its_configured_path() -> None:
     w = World(engine.TargetSpec("monitoring", "watcher_1", PATH, POLICY, desired=desired))
     assert w.run().ok
     assert w.iam.policy_paths == {"monitoring": "/rotator/"}
+
+
+def test_a_failing_pass_before_the_keys_are_listed_still_records_its_error() -> None:
+    w = World(engine.TargetSpec(name="t", user="ghost", secret_path="t/ghost", policy=POLICY))
+    w.run()
+    assert w.state().last_error is not None and "ghost does not exist" in w.state().last_error
+    view = w.engine.status(w.spec)
+    assert view.last_error is not None and "ghost does not exist" in view.last_error
