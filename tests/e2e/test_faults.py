@@ -2,7 +2,8 @@
 
 Each test either covers a fault class the other e2e tests do not (kill -9 at every step of a
 rotation, Vault dying under a running daemon, a narrow EIM admin policy, a metrics port already
-taken); two began as strict xfails reproducing bugs since fixed (credentials file re-read, status of a failing target).
+taken); two began as strict xfails reproducing bugs since fixed (the credentials file re-read,
+the status of a failing target).
 """
 
 from __future__ import annotations

@@ -907,6 +907,8 @@ def test_listen_address_is_parsed_into_host_and_port(
         "[::1]9109",
         "[x]:80",
         "a_b:80",
+        "300.1.1.1:80",
+        "10.0.0:80",
     ],
 )
 def test_bad_listen_address_is_rejected(tmp_path: Path, listen: str) -> None:
