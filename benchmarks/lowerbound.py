@@ -1,0 +1,163 @@
+"""The lower bound: exactly the calls one correct rotation needs, nothing else, same concurrency.
+
+Per target: ListAccessKeys, read state, read the published secret, CreateAccessKey, write the
+pending key (check-and-set), verify (iam:GetUser signed with the new key), publish
+(check-and-set), write the final state (check-and-set): 3 IAM calls, 2 Vault reads, 3 Vault
+writes. Same libraries as rotator (boto3, hvac), one client of each per worker thread, so the
+ratio measures rotator's own overhead, not the libraries'.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import hvac
+import hvac.exceptions
+from botocore.config import Config
+
+from tests.support import servers
+
+_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, user_agent_extra="lb")
+_VERIFY = Config(retries={"mode": "standard", "total_max_attempts": 1})
+
+
+@dataclass(frozen=True)
+class LbTarget:
+    user: str
+    state_path: str  # KV v2 path (in mount ``secret``) of this script's own state
+    secret_path: str  # KV v2 path of the published secret
+
+
+class LowerBound:
+    """Thread-local boto3 and hvac clients against the bench servers."""
+
+    def __init__(self, admin: servers.MotoAdmin, vault_address: str, token: str) -> None:
+        self._admin, self._address, self._token = admin, vault_address, token
+        self._local = threading.local()
+
+    def _clients(self) -> tuple[Any, Any, Any]:
+        local = self._local
+        if not hasattr(local, "iam"):
+            local.session = boto3.Session(
+                aws_access_key_id=self._admin.access_key_id,
+                aws_secret_access_key=self._admin.secret_access_key,
+                region_name=self._admin.region,
+            )
+            local.iam = local.session.client(
+                "iam", endpoint_url=self._admin.endpoint, config=_CONFIG
+            )
+            local.vault = hvac.Client(url=self._address, token=self._token)
+        return local.session, local.iam, local.vault
+
+    def _read(self, vault: Any, path: str) -> tuple[dict[str, Any], int]:
+        try:
+            answer = vault.secrets.kv.v2.read_secret_version(
+                path=path, mount_point="secret", raise_on_deleted_version=True
+            )
+        except hvac.exceptions.InvalidPath:
+            return {}, 0
+        return answer["data"]["data"], int(answer["data"]["metadata"]["version"])
+
+    def _write(self, vault: Any, path: str, data: dict[str, Any], cas: int) -> int:
+        answer = vault.secrets.kv.v2.create_or_update_secret(
+            path=path, secret=data, cas=cas, mount_point="secret"
+        )
+        return int(answer["data"]["version"])
+
+    def rotate(self, target: LbTarget) -> str:
+        """One rotation; returns the new key id (raises on any failure)."""
+        session, iam, vault = self._clients()
+        keys = iam.list_access_keys(UserName=target.user)["AccessKeyMetadata"]
+        if len(keys) >= 2:
+            raise RuntimeError(f"{target.user}: no free key slot")
+        state, state_version = self._read(vault, target.state_path)
+        published, published_version = self._read(vault, target.secret_path)
+        new = iam.create_access_key(UserName=target.user)["AccessKey"]
+        key_id, secret = new["AccessKeyId"], new["SecretAccessKey"]
+        created = datetime.now(UTC).isoformat()
+        pending = {**state, "pending": {"key_id": key_id, "secret": secret, "created": created}}
+        state_version = self._write(vault, target.state_path, pending, state_version)
+        probe = session.client(
+            "iam",
+            endpoint_url=self._admin.endpoint,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            config=_VERIFY,
+        )
+        try:
+            probe.get_user()
+        except botocore.exceptions.ClientError as exc:
+            # AccessDenied: the key authenticated and its policy does not grant iam:GetUser
+            if exc.response.get("Error", {}).get("Code") != "AccessDenied":
+                raise
+        finally:
+            probe.close()
+        self._write(
+            vault,
+            target.secret_path,
+            {
+                **published,
+                "access_key_id": key_id,
+                "secret_access_key": secret,
+                "created_at": created,
+            },
+            published_version,
+        )
+        final = {k: v for k, v in pending.items() if k != "pending"}
+        final["current"] = {"key_id": key_id, "created": created}
+        final["retiring"] = [k["AccessKeyId"] for k in keys]
+        self._write(vault, target.state_path, final, state_version)
+        return key_id
+
+    def run(self, targets: list[LbTarget], workers: int) -> tuple[float, list[str]]:
+        """Rotate every target, ``workers`` at a time; (seconds, new key ids)."""
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lb") as pool:
+            warm = threading.Barrier(workers)  # every worker builds its clients before timing
+
+            def build(_: int) -> None:
+                self._clients()
+                warm.wait(30)
+
+            list(pool.map(build, range(workers)))
+            started = time.perf_counter()
+            new_ids = list(pool.map(self.rotate, targets))
+            return time.perf_counter() - started, new_ids
+
+
+def iam_ceiling(
+    admin: servers.MotoAdmin, users: list[str], workers: int, calls: int
+) -> tuple[float, float]:
+    """ListAccessKeys as fast as ``workers`` threads can: (calls per second, seconds)."""
+    local = threading.local()
+
+    def client() -> Any:
+        if not hasattr(local, "iam"):
+            local.iam = boto3.Session(
+                aws_access_key_id=admin.access_key_id,
+                aws_secret_access_key=admin.secret_access_key,
+                region_name=admin.region,
+            ).client("iam", endpoint_url=admin.endpoint, config=_CONFIG)
+        return local.iam
+
+    def one(index: int) -> None:
+        client().list_access_keys(UserName=users[index % len(users)])
+
+    warm = threading.Barrier(workers)
+
+    def build(_: int) -> None:
+        client()
+        warm.wait(30)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ceiling") as pool:
+        list(pool.map(build, range(workers)))
+        started = time.perf_counter()
+        list(pool.map(one, range(calls)))
+        seconds = time.perf_counter() - started
+    return calls / seconds, seconds
