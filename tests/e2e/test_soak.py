@@ -115,7 +115,7 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
     ]
     view = VaultView(vault)
     admin = iam_admin.client()
-    consumer = FleetConsumer(vault, iam_admin, targets)
+    consumer = FleetConsumer(vault, iam_admin, targets, shards=4)
     observer = FleetObserver(iam_admin, users_of(targets))
     threads = [threading.Thread(target=t.run, daemon=True) for t in (consumer, observer)]
     rng = random.Random(SEED)
@@ -240,6 +240,9 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
         "kills": sum(r.kills for r in replicas),
         "restarts": sum(r.restarts for r in replicas),
         "consumer_reads": consumer.reads,
+        "consumer_reads_per_target_per_second": round(
+            consumer.reads / TARGETS / (time.monotonic() - began), 2
+        ),
         "consumer_uses": consumer.uses,
         "consumer_failures": len(consumer.failures),
         "uses_after_inactive": len(inactive_uses),

@@ -310,59 +310,95 @@ def authenticates(admin: servers.MotoAdmin, key_id: str, secret: str) -> bool:
 @dataclass
 class FleetConsumer:
     """Every ~0.5 s, reads every target's secret from Vault and uses it at once against moto
-    (ec2 DescribeRegions signed with it), as an agent would. Any failure is recorded."""
+    (ec2 DescribeRegions signed with it), as an agent would. Any failure is recorded.
+
+    The targets are shared among ``shards`` threads so that each target is read every
+    ``interval`` even when one pass over them all would take longer."""
 
     vault: Any
     admin: servers.MotoAdmin
     targets: list[str]
     interval: float = 0.5
+    shards: int = 2
     reads: int = 0
     uses: int = 0
-    rounds: int = 0
     failures: list[str] = field(default_factory=list)
     key_ids: dict[str, list[str]] = field(default_factory=dict)  # target -> published ids seen
     last_use: dict[str, float] = field(default_factory=dict)  # key id -> monotonic time
     stop: threading.Event = field(default_factory=threading.Event)
-    _clients: dict[str, Any] = field(default_factory=dict)
+    _rounds: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def rounds(self) -> int:
+        """Rounds every shard has completed."""
+        return min(self._rounds, default=0)
 
     def run(self) -> None:
+        self._rounds = [0] * self.shards
+        threads = [
+            threading.Thread(target=self._loop, args=(n,), name=f"consumer-{n}", daemon=True)
+            for n in range(self.shards)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _loop(self, shard: int) -> None:
         view = VaultView(self.vault)
         session = botocore.session.get_session()
+        clients: dict[str, tuple[str, Any]] = {}  # target -> (key id, its ec2 client)
+        mine = self.targets[shard :: self.shards]
         while True:
             began = time.monotonic()
-            for target in self.targets:
-                self._one(view, session, target)
-            self.rounds += 1
+            for target in mine:
+                self._one(view, session, clients, target)
+            self._rounds[shard] += 1
             if self.stop.wait(max(0.0, self.interval - (time.monotonic() - began))):
                 break
-        for client in self._clients.values():
+        for _, client in clients.values():
             client.close()
 
     def read_once(self) -> None:
-        """One more round from the caller's thread (after the consumer thread stopped)."""
+        """One more round from the caller's thread (after the consumer threads stopped)."""
         view = VaultView(self.vault)
         session = botocore.session.get_session()
+        clients: dict[str, tuple[str, Any]] = {}
         for target in self.targets:
-            self._one(view, session, target)
+            self._one(view, session, clients, target)
+        for _, client in clients.values():
+            client.close()
 
     def distinct(self, target: str) -> int:
-        return len(set(self.key_ids.get(target, ())))
+        with self._lock:
+            return len(set(self.key_ids.get(target, ())))
 
-    def _one(self, view: VaultView, session: Any, target: str) -> None:
+    def _fail(self, what: str) -> None:
+        with self._lock:
+            self.failures.append(what)
+
+    def _one(
+        self, view: VaultView, session: Any, clients: dict[str, tuple[str, Any]], target: str
+    ) -> None:
         try:
             data = view.published(target)
         except hvac.exceptions.VaultError as exc:
-            self.failures.append(f"{target}: Vault read failed: {exc}")
+            self._fail(f"{target}: Vault read failed: {exc}")
             return
-        self.reads += 1
+        with self._lock:
+            self.reads += 1
         if not data:
             return  # not bootstrapped yet
         key_id, secret = data["access_key_id"], data["secret_access_key"]
-        seen = self.key_ids.setdefault(target, [])
-        if not seen or seen[-1] != key_id:
-            seen.append(key_id)
-        client = self._clients.get(key_id)
-        if client is None:
+        with self._lock:
+            seen = self.key_ids.setdefault(target, [])
+            if not seen or seen[-1] != key_id:
+                seen.append(key_id)
+        cached = clients.get(target)
+        if cached is None or cached[0] != key_id:
+            if cached is not None:
+                cached[1].close()
             client = session.create_client(
                 "ec2",
                 endpoint_url=self.admin.endpoint,
@@ -371,18 +407,20 @@ class FleetConsumer:
                 aws_secret_access_key=secret,
                 config=Config(retries={"total_max_attempts": 1}),
             )
-            self._clients[key_id] = client
+            clients[target] = (key_id, client)
+        client = clients[target][1]
         used_at = time.monotonic()  # the use began then: sound against first_inactive
         try:
             client.describe_regions()
         except ClientError as exc:
-            self.failures.append(f"{target} {key_id}: {exc.response['Error']['Code']}")
+            self._fail(f"{target} {key_id}: {exc.response['Error']['Code']}")
             return
         except BotoCoreError as exc:
-            self.failures.append(f"{target} {key_id}: {type(exc).__name__}: {exc}")
+            self._fail(f"{target} {key_id}: {type(exc).__name__}: {exc}")
             return
-        self.uses += 1
-        self.last_use[key_id] = used_at
+        with self._lock:
+            self.uses += 1
+            self.last_use[key_id] = used_at
 
 
 @dataclass
