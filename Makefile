@@ -52,3 +52,19 @@ deploy-check: $(BIN)/rotator
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Benchmarks (benchmarks/REPORT.md, scaling.png): `make bench` measures N = 10, 100, 1000 in about
+# 20 minutes; `make bench-smoke` runs the suite at N = 3 into build/bench-smoke (under a minute).
+# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS="--sizes 10,100"`.
+BENCH_ARGS ?=
+
+$(VENV)/.bench-installed: pyproject.toml $(BIN)/rotator
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+.PHONY: bench bench-smoke
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-smoke: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks.run --sizes 3 --quick --footprint-seconds 4 --out build/bench-smoke $(BENCH_ARGS)

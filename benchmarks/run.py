@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def bench_size(
         result.cli_once_seconds = _median(
             [_wall([exe, "run", "--once", "-c", str(cfg_path)], cli_log) for _ in range(1)]
         )
-        result.cli_version_seconds = _median([_wall([exe, "--version"], cli_log) for _ in range(3)])
+        result.cli_version_seconds = _median(
+            [_wall([exe, "--version"], cli_log) for _ in range(args.cli_reps)]
+        )
         say(
             f"N={n} run --once {result.cli_once_seconds:.1f}s, in-process "
             f"{result.fresh_pass_seconds:.1f}s"
@@ -258,6 +261,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ceiling-calls", type=int, default=2000)
     parser.add_argument("--cli-max", type=int, default=1000, help="largest N to time the CLI at")
     parser.add_argument("--peer-max", type=int, default=100, help="users the peer rotates, max")
+    parser.add_argument("--cli-reps", type=int, default=3, help="`rotator --version` runs")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--footprint-seconds", type=float, default=120.0)
     parser.add_argument("--footprint-interval", default="2s", help="check_interval of the daemon")
@@ -271,6 +275,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.footprint_seconds = min(args.footprint_seconds, 10.0)
         args.ceiling_calls = 200
         args.peer_max = min(args.peer_max, 20)
+        args.cli_reps = 1
     args.size_list = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     return args
 
@@ -278,6 +283,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped by their PIDs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def say(message: str) -> None:
         print(f"[{time.monotonic() - started:6.0f}s] {message}", flush=True)
