@@ -305,12 +305,18 @@ class EimIdentity:
         # credentials file is picked up without a restart.
         self._source = credentials if callable(credentials) else None
         self._checked_at = time.monotonic()
+        # CreateAccessKey is not idempotent: a retry after a lost answer would make a second key
+        # and leave the first one unknown. It gets one attempt; the engine's next pass is the
+        # retry and the intent marker it wrote before the call finds any key the lost answer made.
+        self._once_config = self._config.merge(
+            Config(retries={"mode": "standard", "total_max_attempts": 1})
+        )
         self._credentials = credentials() if callable(credentials) else credentials
-        self._session, self._client = self._build(self._credentials)
+        self._session, self._client, self._once_client = self._build(self._credentials)
 
     def _build(
         self, credentials: tuple[str, model.Secret] | None
-    ) -> tuple[boto3.Session, IAMClient]:
+    ) -> tuple[boto3.Session, IAMClient, IAMClient]:
         try:
             if credentials is None:
                 session = boto3.Session(region_name=self._region)
@@ -329,10 +335,14 @@ class EimIdentity:
             client: IAMClient = session.client(
                 "iam", endpoint_url=self._endpoint_url, config=self._config
             )
+            once: IAMClient = session.client(
+                "iam", endpoint_url=self._endpoint_url, config=self._once_config
+            )
         except ValueError as exc:  # botocore's "Invalid endpoint"
             raise errors.ConfigError("eim.endpoint", f"{self._endpoint_url!r}: {exc}") from exc
         self._register_signing_name(client, "iam")
-        return session, client
+        self._register_signing_name(once, "iam")
+        return session, client, once
 
     def _reload_credentials(self) -> None:
         if self._source is None or time.monotonic() - self._checked_at < 1.0:
@@ -342,7 +352,7 @@ class EimIdentity:
             fresh = self._source()
             if fresh == self._credentials:
                 return
-            self._session, self._client = self._build(fresh)
+            self._session, self._client, self._once_client = self._build(fresh)
             self._credentials = fresh
         _log.info("eim_credentials_reloaded", key_id=fresh[0])
 
@@ -516,7 +526,7 @@ class EimIdentity:
 
     def create_key(self, user: str) -> model.NewKey:
         with self._calling("CreateAccessKey"):
-            answer = self._client.create_access_key(UserName=user)["AccessKey"]
+            answer = self._once_client.create_access_key(UserName=user)["AccessKey"]
         # answer["UserName"] may be an ORN on OUTSCALE: it is deliberately not looked at.
         created = answer.get("CreateDate")
         return model.NewKey(

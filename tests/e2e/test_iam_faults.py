@@ -308,13 +308,6 @@ def test_a_key_that_never_verifies_is_deleted_counted_and_a_fresh_one_tried_afte
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="botocore retries CreateAccessKey after a lost answer (eim.max_attempts applies to "
-    "every call): the first key created is never cleaned up, since the pending write (or the "
-    "LimitExceeded branch) clears the intent marker in the same pass; it stays as a foreign key "
-    "for good and takes a key slot (the next rotation is blocked)",
-)
 @pytest.mark.parametrize("phase", ["first-key", "rotation"])
 def test_an_answer_lost_after_create_access_key_leaves_no_leaked_key_after_the_next_pass(
     phase: str,

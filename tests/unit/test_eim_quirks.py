@@ -46,6 +46,7 @@ def identity() -> eim.EimIdentity:
 
 @pytest.fixture
 def stub(identity: eim.EimIdentity) -> Iterator[Stubber]:
+    identity._once_client = identity._client  # one stub for the no-retry client too
     with Stubber(identity._client) as stubber:
         yield stubber
         stubber.assert_no_pending_responses()
