@@ -250,6 +250,24 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _write(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    results: list[SizeResult],
+    foot: footprint.Footprint | None,
+    started: float,
+) -> None:
+    data = {
+        "machine": info,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "sizes": [asdict(r) for r in results],
+        "footprint": None if foot is None else asdict(foot),
+        "elapsed_seconds": time.monotonic() - started,
+    }
+    (args.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    report.write(data, args.out)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--sizes", default="10,100,1000", help="fleet sizes (default 10,100,1000)")
@@ -259,11 +277,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps-large", type=int, default=1, help="rounds for N > --large")
     parser.add_argument("--large", type=int, default=100, help="sizes above this are 'large'")
     parser.add_argument("--ceiling-calls", type=int, default=2000)
-    parser.add_argument("--cli-max", type=int, default=1000, help="largest N to time the CLI at")
+    parser.add_argument("--cli-max", type=int, default=100, help="largest N to time the CLI at")
     parser.add_argument("--peer-max", type=int, default=100, help="users the peer rotates, max")
     parser.add_argument("--cli-reps", type=int, default=3, help="`rotator --version` runs")
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--footprint-seconds", type=float, default=120.0)
+    parser.add_argument("--footprint-seconds", type=float, default=60.0)
     parser.add_argument("--footprint-interval", default="2s", help="check_interval of the daemon")
     parser.add_argument("--no-footprint", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
@@ -306,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.size_list:
             result, cfg_path = bench_size(srv, n, args, workdir, say)
             results.append(result)
+            _write(args, info, results, None, started)  # a partial report after each size
         if not args.no_footprint and cfg_path is not None:
             n = args.size_list[-1]
             port = fleet.servers.free_port()
@@ -332,15 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         srv.stop()
     log.configure(format="json", level="warning", stream=sys.stderr)
     log_stream.close()
-    data = {
-        "machine": info,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "sizes": [asdict(r) for r in results],
-        "footprint": None if foot is None else asdict(foot),
-        "elapsed_seconds": time.monotonic() - started,
-    }
-    (args.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    report.write(data, args.out)
+    _write(args, info, results, foot, started)
     say(f"wrote {args.out / 'REPORT.md'} and {args.out / 'scaling.png'}")
     return 0
 
