@@ -5,8 +5,9 @@ off, settled): zero consumer failures, zero leaked keys, every target rotated at
 times, never more than two keys per user. Its figures are printed and, when ROTATOR_SOAK_REPORT
 names a file, written there as JSON (the README's reliability section quotes them).
 
-Also here: a strict xfail reproducing the bug the soak found (a CreateAccessKey answer lost and
-retried by botocore leaves a key that rotator then takes for a foreign one).
+It runs with ``eim.max_attempts: 1``: with botocore retrying, a lost CreateAccessKey answer
+leaks a key that rotator then takes for a foreign one (the strict xfail
+tests/e2e/test_iam_faults.py::test_an_answer_lost_after_create_access_key_leaves_no_leaked_key_after_the_next_pass).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -47,8 +47,8 @@ TARGETS = 20
 REPLICAS = 2
 FAULT_RATE = 0.1
 MIN_ROTATIONS = 5  # per target, after the first key
-CHAOS_SECONDS = 240.0  # kills, restarts and faults at least this long
-CHAOS_MAX_SECONDS = 400.0  # ... and at most this long, waiting for MIN_ROTATIONS everywhere
+CHAOS_SECONDS = 150.0  # kills, restarts and faults at least this long
+CHAOS_MAX_SECONDS = 450.0  # ... and at most this long, waiting for MIN_ROTATIONS everywhere
 EVENT_GAP = (5.0, 14.0)  # seconds between two kill/restart events
 DOWN_AFTER_KILL = (0.5, 5.0)  # seconds a killed replica stays down
 TIMING = {
@@ -60,8 +60,9 @@ TIMING = {
 }
 LOCK_TTL = "3s"
 # botocore must not retry CreateAccessKey: a retry after a lost answer leaks a key that rotator
-# then takes for a foreign one (test_a_lost_create_answer_retried_by_botocore_leaks_no_key
-# below). One attempt per call: rotator's next pass is the retry, the intent marker the cleanup.
+# then takes for a foreign one (the strict xfail in test_iam_faults.py, see the docstring). One
+# attempt per call: rotator's next pass is the retry and the intent marker the cleanup. Set it
+# back to 2 (the harness default) once that bug is fixed.
 MAX_ATTEMPTS = 1
 
 
@@ -190,8 +191,13 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
             replica.start()
         settle_began = time.monotonic()
         try:
+
+            def settled() -> bool:
+                check_alive()
+                return all(_settled(view, admin, t) for t in targets)
+
             wait_for(
-                lambda: (check_alive(), all(_settled(view, admin, t) for t in targets))[1],
+                settled,
                 timeout=90,
                 what="every target settled: one key in IAM, current, published, none retiring",
             )
@@ -222,7 +228,9 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
     rotations = {t: consumer.distinct(t) - 1 for t in targets}
     quota_errors = sum(code == "LimitExceeded" for _, code in fleet_proxy.upstream_errors)
     inactive_uses = used_after_inactive(consumer, observer)
-    figures = {
+    kills = sum(r.kills for r in replicas)
+    restarts = sum(r.restarts for r in replicas)
+    figures: dict[str, Any] = {
         "seed": SEED,
         "targets": TARGETS,
         "replicas": REPLICAS,
@@ -237,8 +245,8 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
         "fault_rate": FAULT_RATE,
         "faults_injected": sum(faults_injected.values()),
         "faults_by_kind": dict(sorted(faults_injected.items())),
-        "kills": sum(r.kills for r in replicas),
-        "restarts": sum(r.restarts for r in replicas),
+        "kills": kills,
+        "restarts": restarts,
         "consumer_reads": consumer.reads,
         "consumer_reads_per_target_per_second": round(
             consumer.reads / TARGETS / (time.monotonic() - began), 2
@@ -264,64 +272,10 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
     assert max(observer.max_keys.values()) <= 2, observer.max_keys
     assert quota_errors == 0, fleet_proxy.upstream_errors
     assert sigterm_codes and all(code == 0 for code in sigterm_codes), sigterm_codes
-    assert figures["kills"] >= 3 and figures["restarts"] >= 3, schedule
-    assert figures["faults_injected"] >= 100, figures
+    assert kills >= 3 and restarts >= 3, schedule
+    assert sum(faults_injected.values()) >= 100, figures
     for target in targets:
         created = set(fleet_proxy.created_keys(user_of(target)))
         assert set(consumer.key_ids[target]) <= created  # only rotator's keys were published
     for replica in replicas:
         assert "Traceback" not in replica.log.read_text(errors="replace"), replica.name
-
-
-# --- the bug the soak found ----------------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a CreateAccessKey whose answer is lost is retried by botocore (eim.max_attempts > 1): "
-        "the first key exists in IAM but was never recorded (created_ids, pending), and the "
-        "intent marker is cleared by the pending write of the second key (or by the quota "
-        "refusal of the retry), so rotator takes the first key for a foreign one: it is never "
-        "deleted and the target is blocked for want of a free key slot"
-    ),
-)
-@pytest.mark.parametrize("when", ["bootstrap", "rotation"])
-def test_a_lost_create_answer_retried_by_botocore_leaks_no_key(
-    when: str,
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    vault: Any,
-    fleet_proxy: RecordingProxy,
-    daemon_env: dict[str, str],
-) -> None:
-    cfg = write_config(
-        tmp_path, iam_admin, vault, servers.free_port(), endpoint=fleet_proxy.endpoint
-    )
-    cfg.write_text(cfg.read_text().replace("max_age: 6s", "max_age: 1h"))
-
-    def rotator(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "rotator", *args, "-c", str(cfg)],
-            capture_output=True,
-            text=True,
-            env=daemon_env,
-            cwd=tmp_path,
-            timeout=90,
-            check=False,
-        )
-
-    if when == "rotation":
-        assert rotator("run", "--once").returncode == 0
-    fleet_proxy.drop_response(action="CreateAccessKey", count=1)
-    if when == "bootstrap":
-        rotator("run", "--once")
-    else:
-        rotator("rotate", "monitoring")
-    assert fleet_proxy.create_attempts["watcher_1"][-2] is None  # the lost answer, retried
-    assert rotator("run", "--once").returncode == 0  # the next pass cleans up
-    view = VaultView(vault)
-    keys = iam_keys(iam_admin.client(), "watcher_1")
-    assert set(keys) <= tracked_ids(view.state("monitoring")), (keys, view.state("monitoring"))
-    forced = rotator("rotate", "monitoring")
-    assert forced.returncode == 0, forced.stdout + forced.stderr[-2000:]

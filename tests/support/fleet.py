@@ -219,7 +219,7 @@ class Replica:
         return code
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
+        found: list[dict[str, Any]] = []
         if not self.log.exists():
             return found
         for line in self.log.read_text(errors="replace").splitlines():
