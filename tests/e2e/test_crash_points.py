@@ -472,7 +472,9 @@ def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
     logs = "".join(d.log.read_text() for d in daemons)
     assert index is not None and index <= 2, (index, second.summaries())
     assert watcher.problems == [], watcher.problems
-    assert watcher.uses >= 5
+    # at least the three uses after the restart (none before it when the crash came before the
+    # first key was published)
+    assert watcher.uses >= 3
     assert max(watcher.most_keys.values()) <= 2
     assert set(watcher.key_ids) <= verified_ids(*daemons), (watcher.key_ids, verified_ids(*daemons))
     assert watcher.history[foreign] == ["Active"] and foreign not in watcher.deleted
