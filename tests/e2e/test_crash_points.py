@@ -453,6 +453,21 @@ def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
         wait_for(complete, budget, f"the interrupted step of {point.id} completed", second.process)
         elapsed = time.monotonic() - restarted_at
         wait_for(lambda: settled(vault, iam_admin), 20, "no key without a role", second.process)
+
+        def finished(summary: dict[str, Any]) -> bool:
+            """The restarted daemon's pass that finished the interrupted step."""
+            if point.phase == "retire":
+                return any(old in action for action in summary["actions"])
+            # not "ok": with second-scale timings the next rotation may already be due and wait
+            # a pass for a free slot (blocked) while the interrupted one is complete
+            return summary["published_key_id"] not in (None, old) and summary["error"] is None
+
+        wait_for(
+            lambda: _first_pass_index(second, finished) is not None,
+            15,
+            "the pass summary of the restarted daemon",
+            second.process,
+        )
         uses = watcher.uses
         wait_for(lambda: watcher.uses >= uses + 3, 10, "the consumer using the key", second.process)
         assert second.terminate() == 0
@@ -460,15 +475,7 @@ def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
         watcher.finish()
         vproxy.stop()
 
-    if point.phase == "retire":
-        index = _first_pass_index(second, lambda s: any(old in a for a in s["actions"]))
-    else:
-        index = _first_pass_index(
-            # not "ok": with second-scale timings the next rotation may already be due and wait a
-            # pass for a free slot (blocked) while the interrupted one is complete
-            second,
-            lambda s: s["published_key_id"] not in (None, old) and s["error"] is None,
-        )
+    index = _first_pass_index(second, finished)
     logs = "".join(d.log.read_text() for d in daemons)
     assert index is not None and index <= 2, (index, second.summaries())
     assert watcher.problems == [], watcher.problems

@@ -104,8 +104,11 @@ def watcher(iam_admin: servers.MotoAdmin, vault: Any, iam_proxy: FaultProxy) -> 
 # --- transient faults: retried, the pass succeeds ------------------------------------------------
 
 
+STATUS = {"throttling": 400, "too_many_requests": 429, "unavailable": 503, "internal": 500}
+
+
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("fault", ["throttling", "too_many_requests", "unavailable", "internal"])
+@pytest.mark.parametrize("fault", list(STATUS))
 def test_transient_error_answers_are_retried_and_the_pass_succeeds(
     fault: str,
     tmp_path: Path,
@@ -115,22 +118,42 @@ def test_transient_error_answers_are_retried_and_the_pass_succeeds(
     daemon_env: dict[str, str],
 ) -> None:
     cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
-    # two faults on the key creation and two on the listing: retried within one call each
-    iam_proxy.inject(fault, action="CreateAccessKey", count=2)
+    # two faults on two calls of the pass: each retried within the call (max_attempts 4)
     iam_proxy.inject(fault, action="ListAccessKeys", count=2)
+    iam_proxy.inject(fault, action="GetGroup", count=2)
     once = run_cli(cfg, daemon_env, "run", "--once")
     assert once.returncode == 0, once.stdout + once.stderr
-    status = {
-        "throttling": 400,
-        "too_many_requests": 429,
-        "unavailable": 503,
-        "internal": 500,
-    }[fault]
-    assert statuses(iam_proxy, "CreateAccessKey") == [status, status, 200]
-    assert statuses(iam_proxy, "ListAccessKeys")[:2] == [status, status]
-    assert len(keys_of(iam_admin)) == 1  # no key made twice
+    status = STATUS[fault]
+    assert statuses(iam_proxy, "ListAccessKeys")[:3] == [status, status, 404]  # no user yet
+    assert statuses(iam_proxy, "GetGroup")[:3] == [status, status, 404]  # no group yet
+    assert len(keys_of(iam_admin)) == 1
     assert published_id(vault) in keys_of(iam_admin)
     assert "Traceback" not in once.stdout + once.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", list(STATUS))
+def test_a_transient_error_on_create_access_key_is_retried_by_the_next_pass_without_a_leak(
+    fault: str,
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    iam_proxy: FaultProxy,
+    vault: Any,
+    daemon_env: dict[str, str],
+) -> None:
+    """CreateAccessKey is not idempotent: one attempt a pass, the next pass is the retry."""
+    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
+    iam_proxy.inject(fault, action="CreateAccessKey", count=1)
+    failed = run_cli(cfg, daemon_env, "run", "--once")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "retried on a later pass" in failed.stdout
+    assert keys_of(iam_admin) == {}
+    retried = run_cli(cfg, daemon_env, "run", "--once")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert statuses(iam_proxy, "CreateAccessKey") == [STATUS[fault], 200]
+    state = state_of(vault)
+    assert state is not None and set(keys_of(iam_admin)) == tracked(state)
+    assert published_id(vault) in keys_of(iam_admin)
 
 
 @pytest.mark.timeout(90)
