@@ -18,6 +18,7 @@ This is one of the two places that catch broadly (per target); the other is the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -497,6 +498,10 @@ class Engine:
         while True:
             pending = p.state.pending
             assert pending is not None
+            if pending.verified_at is not None:
+                # it authenticated in an earlier pass whose publish failed (Vault went away)
+                self._publish(p, pending)
+                return
             now = self._clock.now()
             wait = (rotation.next_verify_at(pending) - now).total_seconds()
             if wait > 0 and self._clock.wait(wait):
@@ -522,6 +527,9 @@ class Engine:
                 verdict=judgement.verdict.value,
             )
             if judgement.verdict is rotation.Verdict.PUBLISH:
+                # kept in memory only: written if the publish fails, so the next pass need not
+                # verify again (no extra Vault write on the common path)
+                pending = dataclasses.replace(pending, verified_at=now)
                 p.state = p.state.replace(pending=pending)
                 self._publish(p, pending)
                 return

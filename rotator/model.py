@@ -210,6 +210,7 @@ class PendingKey:
     created: datetime
     attempts: int = 0
     last_attempt_at: datetime | None = None
+    verified_at: datetime | None = None  # it authenticated; only the publish is left to do
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,7 @@ class TargetState:
                 "created": format_time(self.pending.created),
                 "attempts": self.pending.attempts,
                 "last_attempt_at": _fmt_opt(self.pending.last_attempt_at),
+                "verified_at": _fmt_opt(self.pending.verified_at),
             }
         )
         doc["intent"] = (
@@ -357,6 +359,7 @@ class TargetState:
                     created=parse_time(pen["created"]),
                     attempts=int(pen.get("attempts") or 0),
                     last_attempt_at=_opt_time(pen.get("last_attempt_at")),
+                    verified_at=_opt_time(pen.get("verified_at")),
                 ),
                 intent=None
                 if not intent

@@ -318,3 +318,26 @@ def test_a_failing_pass_before_the_keys_are_listed_still_records_its_error() -> 
     assert w.state().last_error is not None and "ghost does not exist" in w.state().last_error
     view = w.engine.status(w.spec)
     assert view.last_error is not None and "ghost does not exist" in view.last_error
+
+
+def test_a_key_verified_before_a_failed_publish_is_published_next_pass_without_a_new_attempt() -> (
+    None
+):
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    real = w.vault.write_published
+
+    def vault_gone(*args: object, **kwargs: object) -> model.Published:
+        raise errors.VaultUnavailable("vault went away")
+
+    w.vault.write_published = vault_gone  # type: ignore[assignment,method-assign]
+    assert not w.run().ok
+    pending = w.state().pending
+    assert pending is not None and pending.verified_at is not None
+    attempts = w.iam.verify_attempts[pending.key_id]
+    w.vault.write_published = real  # type: ignore[method-assign]
+    w.clock.advance(seconds=1)
+    assert w.run().rotated
+    assert w.iam.verify_attempts[pending.key_id] == attempts
+    assert w.vault.published_id(PATH) == pending.key_id
