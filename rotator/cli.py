@@ -200,7 +200,10 @@ def _check_secret_files(settings: config.Settings) -> list[str]:
 def _passes(
     runtime: daemon.Runtime, names: list[str], *, force: bool, lock_wait: float = 0.0
 ) -> int:
-    reports = daemon.run_passes(runtime, names, force=force, lock_wait=lock_wait)
+    # `rotate` (force) also checks the identity, as an operator acting by hand would expect
+    reports = daemon.run_passes(
+        runtime, names, force=force, check_identity=force, lock_wait=lock_wait
+    )
     for report in reports:
         print(_summary(report))
         if report.dry_run:

@@ -218,6 +218,7 @@ def run_passes(
     names: Iterable[str],
     *,
     force: bool = False,
+    check_identity: bool = False,
     lock_wait: float = 0.0,
     on_report: Callable[[model.PassReport], None] | None = None,
 ) -> list[model.PassReport]:
@@ -226,7 +227,9 @@ def run_passes(
     workers = max(1, min(runtime.settings.workers, len(specs)))
 
     def one(spec: engine.TargetSpec) -> model.PassReport:
-        return runtime.engine.run_pass(spec, force=force, lock_wait=lock_wait)
+        return runtime.engine.run_pass(
+            spec, force=force, check_identity=check_identity, lock_wait=lock_wait
+        )
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass") as pool:
         reports = list(pool.map(one, specs))

@@ -161,12 +161,19 @@ class Engine:
     # --- the pass ------------------------------------------------------------------------
 
     def run_pass(
-        self, spec: TargetSpec, *, force: bool = False, lock_wait: float = 0.0
+        self,
+        spec: TargetSpec,
+        *,
+        force: bool = False,
+        check_identity: bool = False,
+        lock_wait: float = 0.0,
     ) -> model.PassReport:
         """One pass over one target; never raises (errors are in the report).
 
         The pass observes without the lock; only when there is something to do does it take
         the target's lease, observe again (fresh versions for check-and-set) and act.
+        ``force``: rotate the key whatever its age; ``check_identity``: check the user, group
+        and policy whatever the schedule (`rotator rotate` asks for both).
         ``lock_wait``: how long to wait for a lease another replica holds (0: skip the target).
         """
         started = time.perf_counter()
@@ -178,15 +185,14 @@ class Engine:
         try:
             p = self._observe_vault(spec)
             self._observe_keys(p)
-            if self._needs_work(p, force=force):
+            if self._needs_work(p, force=force, check_identity=check_identity):
                 if self._lock is None or self._dry_run:
-                    self._work(p, force=force)
+                    self._work(p, force=force, check_identity=check_identity)
                 else:
                     with self._leased(spec, lock_wait) as lease:
-                        p = self._observe_vault(spec)
+                        p = self._reobserve(p)
                         p.lease = lease
-                        self._observe_keys(p)
-                        self._work(p, force=force)
+                        self._work(p, force=force, check_identity=check_identity)
         except LockHeld as held:
             skipped = f"lock held by {held.holder}"
             bound.debug("pass_skipped", reason=skipped)
@@ -246,15 +252,31 @@ class Engine:
         p.keys = {k.key_id: k for k in keys}
         p.keys_observed = True
 
-    def _needs_work(self, p: _Pass, *, force: bool) -> bool:
+    def _reobserve(self, p: _Pass) -> _Pass:
+        """What the pass must see once it holds the lease: the state again (its version fences
+        the writes). When that version is the one observed before, no replica acted in between
+        (every change rotator makes writes the state), so the keys and secret read are current."""
+        stored = self._store.read_state(p.spec.name)
+        if stored.version == p.stored.version:
+            return p
+        fresh = _Pass(
+            spec=p.spec,
+            stored=stored,
+            published=self._store.read_published(p.spec.secret_path),
+            state=stored.state,
+        )
+        self._observe_keys(fresh)
+        return fresh
+
+    def _needs_work(self, p: _Pass, *, force: bool, check_identity: bool) -> bool:
         """Whether this pass must act (and so take the lock): nothing to do on an idle pass."""
-        if p.user_missing or self._identity_due(p, force=force):
+        if p.user_missing or self._identity_due(p, force=check_identity):
             return True
         p.decision = self._decide(p, force=force)
         return bool(p.decision.actions) or self._outcome(p) != p.stored.state
 
-    def _work(self, p: _Pass, *, force: bool) -> None:
-        self._ensure_identity(p, force=force or p.user_missing)
+    def _work(self, p: _Pass, *, force: bool, check_identity: bool) -> None:
+        self._ensure_identity(p, force=check_identity or p.user_missing)
         if p.user_missing and not self._dry_run:
             p.user_missing = False
             self._observe_keys(p)
@@ -564,6 +586,7 @@ class Engine:
         old = p.state.current
         p.state = rotation.promote(p.state, pending, spec.policy, now)
         p.rotated = True
+        p.state = self._outcome(p)  # one state write for the promotion and the pass's outcome
         log.info(
             "key_published",
             target=spec.name,

@@ -341,3 +341,20 @@ def test_a_key_verified_before_a_failed_publish_is_published_next_pass_without_a
     assert w.run().rotated
     assert w.iam.verify_attempts[pending.key_id] == attempts
     assert w.vault.published_id(PATH) == pending.key_id
+
+
+def test_a_forced_rotation_makes_only_the_calls_a_rotation_needs() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    w.engine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="a")
+    w.run()
+    w.clock.advance(seconds=30)
+    w.iam.calls.clear()
+    writes = w.vault.writes
+    assert w.engine.run_pass(SPEC, force=True).rotated
+    assert w.iam.calls == ["ListAccessKeys", "CreateAccessKey", "Verify"]
+    assert w.vault.writes - writes == 3  # intent, pending, promotion with the outcome
+    w.iam.calls.clear()
+    report = w.engine.run_pass(SPEC, force=True, check_identity=True)
+    assert report.blocked  # the previous key is still in its grace period
+    assert "GetGroup" in w.iam.calls  # `rotator rotate` also checks the identity
