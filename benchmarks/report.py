@@ -121,6 +121,7 @@ def render(data: dict[str, Any], plot_error: str | None = None) -> str:
     add(f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; kernel {m['kernel']}")
     add(f"- Python {m['python']}; {versions}")
     add(f"- Date: {m['date']}; load average at start: {load}")
+    add(f"- rotator commit: {m.get('rotator_commit', 'unknown')}")
     add(
         "- **Shared machine**: other test runs use the same 2 cores, and moto, OpenBao and the "
         "client all run on them; figures move by tens of percent from run to run. Idle passes "

@@ -238,7 +238,14 @@ def machine() -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
+        "rotator_commit": head or "unknown",
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 1024 / 1024, 1),
