@@ -111,7 +111,7 @@ def _rotator(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_eim_policy_allows_exactly_the_calls_the_adapter_makes() -> None:
     source = EIM_ADAPTER.read_text()
-    calls = set(re.findall(r"self\._client\.([a-z_]+)\(", source))
+    calls = set(re.findall(r"self\._(?:once_)?client\.([a-z_]+)\(", source))
     calls |= set(re.findall(r'get_paginator\("([a-z_]+)"\)', source))
     calls -= {"get_paginator"}
     wanted = {"iam:" + "".join(part.title() for part in call.split("_")) for call in calls}
