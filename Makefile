@@ -19,8 +19,8 @@ test: $(BIN)/rotator
 	$(BIN)/pytest
 
 lint: $(BIN)/rotator
-	$(BIN)/ruff check rotator tests scripts
-	$(BIN)/ruff format --check rotator tests scripts
+	$(BIN)/ruff check rotator tests scripts benchmarks
+	$(BIN)/ruff format --check rotator tests scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

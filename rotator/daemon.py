@@ -11,6 +11,7 @@ traceback, counted, and the other targets go on.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -33,6 +34,17 @@ from rotator import config, engine, errors, identity, log, metrics, model, rotat
 from rotator.adapters import eim, vault
 
 logger = structlog.get_logger("rotator.daemon")
+
+
+class _SkippedRunFilter(logging.Filter):
+    """A pass slower than check_interval makes APScheduler warn on every tick ("maximum number
+    of running instances reached"): the job simply runs again when the pass ends, so say nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in record.getMessage()
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRunFilter())
 
 HEARTBEAT_SECONDS = 5.0
 VAULT_PROBE_SECONDS = 15.0  # readiness check and token renewal
