@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import boto3
 from botocore.config import Config
@@ -95,7 +95,44 @@ class MotoAdmin:
         )
 
 
-class MotoServer:
+class _ServerProcess:
+    """A server process this object started: stopped by its PID, usable as a context manager."""
+
+    _process: subprocess.Popen[bytes] | None
+    _log: IO[bytes] | None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process this object started (by its PID) and wait for it."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class MotoServer(_ServerProcess):
     """moto's server on a loopback port, authentication enforced from the first request.
 
     ``bootstrap_admin`` wipes it and creates an admin (with auth briefly off), the way each test
@@ -185,33 +222,6 @@ class MotoServer:
             return self._log.read()[-4000:].decode(errors="replace")
         return ""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the process this object started (by its PID) and wait for it."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
-        if self._log is not None:
-            with contextlib.suppress(OSError):
-                self._log.close()
-            self._log = None
-
-    def __enter__(self) -> MotoServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _post(self, path: str, body: bytes, content_type: str) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
@@ -262,7 +272,7 @@ class MotoServer:
         )
 
 
-class OpenBaoServer:
+class OpenBaoServer(_ServerProcess):
     """An OpenBao dev server (in memory, unsealed, root token known) on a loopback port.
 
     Dev mode binds PORT and PORT+1 (cluster) and writes the root token to ``$HOME/.vault-token``,
@@ -353,30 +363,3 @@ class OpenBaoServer:
             return None
         finally:
             conn.close()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the process this object started (by its PID) and wait for it."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
-        if self._log is not None:
-            with contextlib.suppress(OSError):
-                self._log.close()
-            self._log = None
-
-    def __enter__(self) -> OpenBaoServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
