@@ -242,8 +242,7 @@ class Engine:
         except errors.EimNoSuchEntity:
             if p.spec.desired is None:
                 raise errors.EimNoSuchEntity(
-                    f"user {p.spec.user} does not exist: create it, or give target "
-                    f"{p.spec.name} a group so rotator manages the user",
+                    _missing_user(p.spec),
                     code="NoSuchEntity",
                     action="ListAccessKeys",
                 ) from None
@@ -712,10 +711,7 @@ class Engine:
         except errors.EimNoSuchEntity:
             keys = []  # with a managed identity the next pass creates the user
             if spec.desired is None:
-                problem = (
-                    f"user {spec.user} does not exist: create it, or give target {spec.name} "
-                    "a group so rotator manages the user"
-                )
+                problem = _missing_user(spec)
         state = stored.state
         now = self._clock.now()
         decision = rotation.decide(
@@ -769,6 +765,14 @@ class Engine:
         self._store.write_state(spec.name, new_state, stored.version)
         log.info("key_adopted", target=spec.name, key_id=key_id)
         return f"{key_id} adopted: it retires through grace, Inactive and deletion"
+
+
+def _missing_user(spec: TargetSpec) -> str:
+    """The problem of a target whose user is managed elsewhere and does not exist."""
+    return (
+        f"user {spec.user} does not exist: create it, or give target {spec.name} "
+        "a group so rotator manages the user"
+    )
 
 
 def _note_error(state: model.TargetState, error: str, now: datetime) -> model.TargetState:
