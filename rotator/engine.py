@@ -92,6 +92,7 @@ class _Lease:
     def __init__(self, lock: ports.Lock, target: str, holder: str, ttl: float) -> None:
         self._lock, self._target, self._holder, self._ttl = lock, target, holder, ttl
         self.lost = threading.Event()
+        self.resumed = False  # nobody wrote the lock since this engine's last write to it
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{target}", daemon=True)
 
@@ -190,7 +191,8 @@ class Engine:
                     self._work(p, force=force, check_identity=check_identity)
                 else:
                     with self._leased(spec, lock_wait) as lease:
-                        p = self._reobserve(p)
+                        if not lease.resumed:
+                            p = self._reobserve(p)
                         p.lease = lease
                         self._work(p, force=force, check_identity=check_identity)
         except LockHeld as held:
@@ -252,9 +254,11 @@ class Engine:
         p.keys_observed = True
 
     def _reobserve(self, p: _Pass) -> _Pass:
-        """What the pass must see once it holds the lease: the state again (its version fences
-        the writes). When that version is the one observed before, no replica acted in between
-        (every change rotator makes writes the state), so the keys and secret read are current."""
+        """What the pass must see once it holds a lease another holder may have had since the
+        observation: the state again (its version fences the writes). When that version is the
+        one observed before, no replica acted in between (every change rotator makes writes the
+        state), so the keys and secret read are current. A resumed lease needs not even that:
+        nobody held it since this engine released it, before this pass observed."""
         stored = self._store.read_state(p.spec.name)
         if stored.version == p.stored.version:
             return p
@@ -287,12 +291,13 @@ class Engine:
         assert self._lock is not None
         lock = self._lock
         deadline = self._clock.now() + timedelta(seconds=wait)
-        while not lock.acquire(spec.name, self._holder, self._lock_ttl):
+        while (grant := lock.acquire(spec.name, self._holder, self._lock_ttl)) is None:
             if self._clock.now() >= deadline:
                 raise LockHeld(lock.holder(spec.name) or "another replica")
             if self._clock.wait(min(0.5, self._lock_ttl / 10)):
                 raise Stopped
         lease = _Lease(lock, spec.name, self._holder, self._lock_ttl)
+        lease.resumed = grant is model.Grant.RESUMED
         lease.start()
         try:
             yield lease

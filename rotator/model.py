@@ -171,6 +171,14 @@ class User:
 # --- Vault side ------------------------------------------------------------------------------
 
 
+class Grant(enum.Enum):
+    """How a lease lock was taken (``ports.Lock.acquire``)."""
+
+    TAKEN = "taken"  # read, then written: someone else may have held it since this holder did
+    RESUMED = "resumed"  # nobody wrote the lock since this holder's own last write to it, so
+    # no other replica acted on the target since: what the holder observed since then is current
+
+
 @dataclass(frozen=True)
 class Published:
     """The published secret consumers read. ``version`` is the KV v2 version read (0: absent)."""

@@ -137,6 +137,16 @@ class _Lease:
         )
 
 
+@dataclass(frozen=True)
+class _Held:
+    """This store's own last write to a lock: who wrote it, its KV version, until when."""
+
+    holder: str
+    version: int
+    expires_at: datetime | None
+    released: bool
+
+
 # --- the adapter -----------------------------------------------------------------------------
 
 
@@ -185,6 +195,8 @@ class VaultStore:
         self._token: model.Secret | None = None
         self._login_lock = threading.Lock()  # held while the token is replaced
         self._refresh_lock = threading.Lock()  # one refresh_token() at a time
+        self._leases: dict[str, _Held] = {}  # target -> this store's last write to its lock
+        self._leases_lock = threading.Lock()
         if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
 
@@ -389,30 +401,44 @@ class VaultStore:
 
     # --- Lock ----------------------------------------------------------------------------
 
-    def acquire(self, target: str, holder: str, ttl_seconds: float) -> bool:
-        """Take the lease if it is free, expired or already ours; False if someone holds it."""
+    def acquire(self, target: str, holder: str, ttl_seconds: float) -> model.Grant | None:
+        """Take the lease if it is free, expired or already ours; None if someone holds it.
+
+        The version of this store's own last write to the lock is remembered: the next acquire
+        by the same holder first writes with check-and-set on it, without reading. When that
+        succeeds nobody wrote the lock in between (``Grant.RESUMED``); when it conflicts, the
+        lock is read and taken as usual (``Grant.TAKEN``).
+        """
+        now = self._now()
+        expires = now + timedelta(seconds=ttl_seconds)
+        mine = self._held_by(target, holder)
+        if mine is not None and self._write_lease(target, mine.version, holder, expires):
+            return model.Grant.RESUMED
         lease, version = self._read_lease(target)
         now = self._now()
         if lease is not None and lease.live(now) and lease.holder != holder:
-            return False
-        return self._write_lease(target, version, holder, now + timedelta(seconds=ttl_seconds))
+            return None
+        if not self._write_lease(target, version, holder, now + timedelta(seconds=ttl_seconds)):
+            return None
+        return model.Grant.TAKEN
 
     def renew(self, target: str, holder: str, ttl_seconds: float) -> bool:
         """Extend our lease; False if it is no longer ours or has expired.
 
-        An expired lease is not renewed even if nobody took it: the holder was not protected
-        for a while, so it must stop and acquire again rather than carry on as if nothing happened.
+        No read: the write is check-and-set on this store's own last write, so it fails if
+        anyone wrote the lock since. An expired lease is not renewed even if nobody took it: the
+        holder was not protected for a while, so it must stop and acquire again.
         """
-        lease, version = self._read_lease(target)
+        mine = self._held_by(target, holder)
         now = self._now()
-        if lease is None or lease.holder != holder or not lease.live(now):
+        if mine is None or mine.released or mine.expires_at is None or now >= mine.expires_at:
             return False
-        return self._write_lease(target, version, holder, now + timedelta(seconds=ttl_seconds))
+        return self._write_lease(target, mine.version, holder, now + timedelta(seconds=ttl_seconds))
 
     def release(self, target: str, holder: str) -> None:
-        """Give the lease up if it is ours (a lost race means it was not ours any more)."""
-        lease, version = self._read_lease(target)
-        if lease is None or lease.holder != holder or lease.released:
+        """Give the lease up if it is ours (a conflict means it was not ours any more)."""
+        mine = self._held_by(target, holder)
+        if mine is None or mine.released:
             return
         now = self._now()
         data = {
@@ -421,9 +447,13 @@ class VaultStore:
             "released_at": model.format_time(now),
         }
         try:
-            self._kv_write(self._lock(target), data, version, f"release the lock of {target}")
+            version = self._kv_write(
+                self._lock(target), data, mine.version, f"release the lock of {target}"
+            )
         except errors.VaultConflict:
+            self._forget_lease(target)
             return
+        self._remember_lease(target, _Held(holder, version, None, released=True))
 
     def holder(self, target: str) -> str | None:
         lease, _ = self._read_lease(target)
@@ -436,10 +466,27 @@ class VaultStore:
     def _write_lease(self, target: str, version: int, holder: str, expires: datetime) -> bool:
         data = {"holder": holder, "expires_at": model.format_time(expires)}
         try:
-            self._kv_write(self._lock(target), data, version, f"take the lock of target {target}")
+            written = self._kv_write(
+                self._lock(target), data, version, f"take the lock of target {target}"
+            )
         except errors.VaultConflict:
-            return False  # another replica wrote the lock since we read it: it won
+            self._forget_lease(target)
+            return False  # another replica wrote the lock since: it won
+        self._remember_lease(target, _Held(holder, written, expires, released=False))
         return True
+
+    def _held_by(self, target: str, holder: str) -> _Held | None:
+        with self._leases_lock:
+            mine = self._leases.get(target)
+        return mine if mine is not None and mine.holder == holder else None
+
+    def _remember_lease(self, target: str, held: _Held) -> None:
+        with self._leases_lock:
+            self._leases[target] = held
+
+    def _forget_lease(self, target: str) -> None:
+        with self._leases_lock:
+            self._leases.pop(target, None)
 
     # --- paths -------------------------------------------------------------------------------
 

@@ -712,6 +712,58 @@ def test_locks_live_under_the_state_path(locks: VaultStore, vault: VaultFixture)
     assert model.parse_time(raw["expires_at"]) == datetime(2030, 1, 1, 12, 0, 15, tzinfo=UTC)
 
 
+def test_a_lock_retaken_by_its_own_holder_is_resumed_without_a_read(
+    locks: VaultStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert locks.acquire("web", "replica-a", 15) is model.Grant.TAKEN  # first: read, then write
+    reads: list[str] = []
+    read = locks._kv_read
+
+    def counted(path: str, purpose: str) -> Any:
+        reads.append(path)
+        return read(path, purpose)
+
+    monkeypatch.setattr(locks, "_kv_read", counted)
+
+    assert locks.renew("web", "replica-a", 15)
+    locks.release("web", "replica-a")
+    grant = locks.acquire("web", "replica-a", 15)
+
+    assert grant is model.Grant.RESUMED
+    assert reads == []  # renew, release and the resumed acquire only write (check-and-set)
+
+
+def test_a_lock_another_replica_held_meanwhile_is_taken_not_resumed(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
+    a, b = make_store(now=clock.now), make_store(now=clock.now)
+    assert a.acquire("web", "replica-a", 15)
+    a.release("web", "replica-a")
+    assert b.acquire("web", "replica-b", 15) is model.Grant.TAKEN
+    b.release("web", "replica-b")
+
+    grant = a.acquire("web", "replica-a", 15)
+
+    assert grant is model.Grant.TAKEN  # b wrote the lock: a must read its state again
+    assert a.holder("web") == "replica-a"
+
+
+def test_renew_fails_once_another_replica_took_the_expired_lease(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
+    a, b = make_store(now=clock.now), make_store(now=clock.now)
+    assert a.acquire("web", "replica-a", 15)
+    clock.advance(16)
+    assert b.acquire("web", "replica-b", 15)
+    clock.value -= timedelta(seconds=10)  # a's clock runs late: only check-and-set stops it
+
+    assert not a.renew("web", "replica-a", 15)
+    a.release("web", "replica-a")  # not a's any more: nothing happens
+
+    assert b.holder("web") == "replica-b"
+    assert not a.acquire("web", "replica-a", 15)
+
+
 def race_for_lock(stores: list[VaultStore], target: str) -> dict[str, bool]:
     """Every store tries ``acquire`` at the same moment, each in its own thread."""
     barrier = threading.Barrier(len(stores), timeout=30)
@@ -721,7 +773,7 @@ def race_for_lock(stores: list[VaultStore], target: str) -> dict[str, bool]:
     def contend(store: VaultStore, name: str) -> None:
         try:
             barrier.wait()
-            results[name] = store.acquire(target, name, 15)
+            results[name] = store.acquire(target, name, 15) is not None
         except BaseException as exc:
             failures.append(exc)
 

@@ -280,6 +280,7 @@ class FakeVault:
     down: bool = False
     crash: CrashPlan | None = None  # shared with the IAM fake to count every mutating call
     writes: int = 0
+    state_reads: int = 0
     published_history: list[str] = field(default_factory=list)
 
     def _check(self, mutating: bool = False) -> bool:
@@ -341,6 +342,7 @@ class FakeVault:
 
     def read_state(self, target: str) -> model.StoredState:
         self._check()
+        self.state_reads += 1
         doc = self.states.get(target)
         if doc is None:
             return model.StoredState(model.TargetState(), 0)
@@ -365,12 +367,16 @@ class FakeLock:
     clock: FakeClock
     leases: dict[str, tuple[str, datetime]] = field(default_factory=dict)
 
-    def acquire(self, target: str, holder: str, ttl_seconds: float) -> bool:
+    writers: dict[str, str] = field(default_factory=dict)  # target -> holder of the last write
+
+    def acquire(self, target: str, holder: str, ttl_seconds: float) -> model.Grant | None:
         current = self.leases.get(target)
         if current and current[0] != holder and current[1] > self.clock.now():
-            return False
+            return None
         self.leases[target] = (holder, self.clock.now() + timedelta(seconds=ttl_seconds))
-        return True
+        resumed = self.writers.get(target) == holder  # as the Vault adapter's check-and-set
+        self.writers[target] = holder
+        return model.Grant.RESUMED if resumed else model.Grant.TAKEN
 
     def renew(self, target: str, holder: str, ttl_seconds: float) -> bool:
         current = self.leases.get(target)

@@ -295,6 +295,34 @@ def test_an_idle_pass_does_not_take_the_lease() -> None:
     assert report.skipped is None and report.ok and not report.rotated
 
 
+def test_a_lease_nobody_held_since_this_engine_released_it_skips_the_state_reread() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    mine.run_pass(SPEC)  # first key: the lease is taken, the state read twice
+    reads = w.vault.state_reads
+
+    report = mine.run_pass(SPEC, force=True)
+
+    assert report.rotated and report.ok
+    assert w.vault.state_reads - reads == 1  # observed once; the resumed lease needs no re-read
+
+
+def test_a_lease_another_replica_held_meanwhile_makes_the_pass_read_the_state_again() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    other = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-b")
+    assert other.run_pass(SPEC).rotated  # b made the first key under the lease
+    reads = w.vault.state_reads
+
+    report = mine.run_pass(SPEC, force=True)
+
+    assert report.rotated and report.ok
+    assert w.vault.state_reads - reads == 2
+    assert len(w.iam.keys_of(SPEC.user)) <= 2
+
+
 def test_rotate_waits_for_the_lease_and_then_reports_the_holder() -> None:
     w = World()
     lock = FakeLock(w.clock)
