@@ -139,11 +139,36 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], Any], ...]] = (
 )
 
 
+def _mask_known(text: str) -> str:
+    """``text`` with every occurrence of every remembered ``Secret`` value masked.
+
+    Each stretch of text covered by occurrences that overlap becomes one mask, so no part of
+    any occurrence survives, whether one value contains another or two merely overlap.
+    """
+    found = model.Secret.find_in(text)
+    if not found:
+        return text
+    spans: list[tuple[int, int]] = []
+    for value in found:
+        start = text.find(value)
+        while start >= 0:
+            spans.append((start, start + len(value)))
+            start = text.find(value, start + 1)
+    spans.sort()
+    parts: list[str] = []
+    done = 0  # text[:done] is copied or masked already
+    for start, end in spans:
+        if start < done:  # overlaps the stretch just masked: extend it
+            done = max(done, end)
+        else:
+            parts += (text[done:start], MASK)
+            done = end
+    return "".join(parts) + text[done:]
+
+
 def redact(text: str) -> str:
     """``text`` with every known secret value and every secret-looking substring masked."""
-    for secret in model.Secret.known_values():
-        if secret in text:
-            text = text.replace(secret, MASK)
+    text = _mask_known(text)
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text

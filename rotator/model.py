@@ -25,30 +25,85 @@ class Secret:
     """A secret string whose repr and str are masked, so it cannot leak through logs or tracebacks.
 
     Every value ever wrapped is also remembered (boundedly) so the log redaction step can remove
-    it even if someone formats it by mistake.
+    it even if someone formats it by mistake. ``find_in`` says which remembered values a text
+    contains in time proportional to the text's length, however many values are remembered.
     """
 
+    @dataclass(frozen=True, slots=True)
+    class _Index:
+        """A snapshot of the remembered values, never changed once built."""
+
+        values: tuple[str, ...]  # insertion order, oldest first
+        by_prefix: dict[str, tuple[str, ...]]  # first _PREFIX characters -> the values so starting
+        shortest: int  # length of the shortest value (0 when there is none)
+
     __slots__ = ("_value",)
+    _PREFIX: ClassVar[int] = 8  # shorter values are not remembered (too likely in plain text)
+    _KNOWN_MAX: ClassVar[int] = 4096
     _known: ClassVar[dict[str, None]] = {}  # insertion-ordered set
     _known_lock: ClassVar[threading.Lock] = threading.Lock()
-    _KNOWN_MAX: ClassVar[int] = 4096
+    # _known with its prefix index: rebuilt under the lock by the first reader after an insert,
+    # then shared by every reader (a reference, never a copy).
+    _index: ClassVar[Secret._Index | None] = None
 
     def __init__(self, value: str) -> None:
         self._value = value
-        if len(value) >= 8:
+        if len(value) >= Secret._PREFIX:
             with Secret._known_lock:
-                Secret._known[value] = None
-                while len(Secret._known) > Secret._KNOWN_MAX:
-                    del Secret._known[next(iter(Secret._known))]
+                if value not in Secret._known:
+                    Secret._known[value] = None
+                    while len(Secret._known) > Secret._KNOWN_MAX:
+                        del Secret._known[next(iter(Secret._known))]
+                    Secret._index = None
 
     def reveal(self) -> str:
         """The secret itself: call only where it is handed to a client library or Vault."""
         return self._value
 
     @classmethod
+    def _snapshot(cls) -> Secret._Index:
+        index = Secret._index
+        if index is not None:
+            return index
+        with Secret._known_lock:
+            if Secret._index is None:
+                values = tuple(Secret._known)
+                groups: dict[str, list[str]] = {}
+                for value in values:
+                    groups.setdefault(value[: Secret._PREFIX], []).append(value)
+                Secret._index = Secret._Index(
+                    values=values,
+                    by_prefix={prefix: tuple(group) for prefix, group in groups.items()},
+                    shortest=min(map(len, values), default=0),
+                )
+            return Secret._index
+
+    @classmethod
     def known_values(cls) -> tuple[str, ...]:
-        with cls._known_lock:
-            return tuple(cls._known)
+        """Every remembered value, oldest first (one shared immutable tuple, not a copy)."""
+        return cls._snapshot().values
+
+    @classmethod
+    def find_in(cls, text: str) -> tuple[str, ...]:
+        """The remembered values occurring in ``text``, longest first, each once.
+
+        Replacing them in this order masks a value that contains another whole. One dictionary
+        look-up per position of ``text`` (its next ``_PREFIX`` characters), then a comparison
+        with the few values sharing that prefix: the registry's size does not matter.
+        """
+        index = cls._snapshot()
+        if not index.values or len(text) < index.shortest:
+            return ()
+        starting_with = index.by_prefix.get
+        width = Secret._PREFIX
+        found: dict[str, None] = {}
+        for i in range(len(text) - index.shortest + 1):
+            candidates = starting_with(text[i : i + width])
+            if candidates is not None:
+                for value in candidates:
+                    if text.startswith(value, i):
+                        found[value] = None
+        return tuple(sorted(found, key=len, reverse=True))
 
     def __repr__(self) -> str:
         return "Secret('**********')"

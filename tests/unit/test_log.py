@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -377,3 +378,112 @@ def test_redact_masks(text: str, expected: str) -> None:
 )
 def test_redact_keeps_what_operators_need(text: str) -> None:
     assert log.redact(text) == text
+
+
+# --- known Secret values: Secret.find_in and the index behind it --------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty registry of known values for one test (the real one is process-global)."""
+    monkeypatch.setattr(model.Secret, "_known", {})
+    monkeypatch.setattr(model.Secret, "_index", None)
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_secret_embedded_in_a_longer_string_is_masked() -> None:
+    value = model.Secret("embedded-secret-value-0001").reveal()
+    assert model.Secret.find_in(f"prefix{value}suffix") == (value,)
+    assert log.redact(f"prefix{value}suffix") == f"prefix{log.MASK}suffix"
+    assert log.redact(f"{value}:{value}x{value}") == f"{log.MASK}:{log.MASK}x{log.MASK}"
+    assert log.redact(value) == log.MASK
+    assert log.redact(f"ends with {value}") == f"ends with {log.MASK}"
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_secret_that_is_a_prefix_of_another_leaves_nothing_of_either() -> None:
+    short = model.Secret("overlap-secret-0001").reveal()  # registered first, found first before
+    long = model.Secret(f"{short}-and-more-0002").reveal()
+    text = f"a {long} b {short} c"
+    assert model.Secret.find_in(text) == (long, short)  # longest first
+    assert log.redact(text) == f"a {log.MASK} b {log.MASK} c"
+
+
+@pytest.mark.usefixtures("registry")
+def test_secrets_sharing_their_first_eight_characters_are_all_masked() -> None:
+    first = model.Secret("sharedpf-first-value").reveal()
+    second = model.Secret("sharedpf-second-value").reveal()
+    model.Secret("sharedpf-third-value-not-logged")
+    text = f"{first} and {second}; sharedpf- alone"
+    assert model.Secret.find_in(text) == (second, first)
+    assert log.redact(text) == f"{log.MASK} and {log.MASK}; sharedpf- alone"
+
+
+@pytest.mark.usefixtures("registry")
+def test_two_secrets_overlapping_in_the_text_are_masked_as_one_stretch() -> None:
+    head = model.Secret("partial-overlap-AAAA-BBBB").reveal()
+    tail = model.Secret("AAAA-BBBB-partial-tail").reveal()
+    text = f"x {head.removesuffix('AAAA-BBBB')}{tail} y"
+    assert head in text and tail in text
+    assert log.redact(text) == f"x {log.MASK} y"
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_secret_registered_after_the_index_was_built_is_found() -> None:
+    before = model.Secret("registered-before-0001").reveal()
+    assert model.Secret.find_in(f"x {before} y") == (before,)  # builds the index
+    after = model.Secret("registered-after-the-index-0002").reveal()
+    assert model.Secret.find_in(f"x {before} {after} y") == (after, before)
+    assert log.redact(f"late {after}") == f"late {log.MASK}"
+    assert model.Secret.known_values() == (before, after)
+
+
+@pytest.mark.usefixtures("registry")
+def test_values_beyond_the_bound_are_forgotten_oldest_first() -> None:
+    bound = model.Secret._KNOWN_MAX
+    oldest = model.Secret("evicted-oldest-secret-value").reveal()
+    assert model.Secret.find_in(f"x {oldest} y") == (oldest,)
+    kept = [model.Secret(f"kept-secret-value-{n:06d}").reveal() for n in range(bound)]
+    model.Secret(kept[1])  # wrapping a remembered value again does not make it the newest
+    model.Secret(oldest)  # wrapping a forgotten value again remembers it as the newest
+
+    known = model.Secret.known_values()
+    assert len(known) == bound
+    assert known[0] == kept[1] and known[-1] == oldest
+    assert model.Secret.find_in(f"{kept[0]} {kept[1]} {kept[-1]}") == (kept[1], kept[-1])
+    assert log.redact(f"old {kept[0]}") == f"old {kept[0]}"
+    assert known is model.Secret.known_values()  # one shared snapshot, not a copy per call
+
+
+@pytest.mark.usefixtures("registry")
+def test_short_strings_still_get_the_patterns() -> None:
+    model.Secret("a-known-secret-of-forty-characters-00001")
+    assert model.Secret.find_in("a-known-secret") == ()  # shorter than any known value
+    assert log.redact("password=hunter2") == f"password={log.MASK}"
+    assert log.redact("X-Vault-Token: abc.def") == f"X-Vault-Token: {log.MASK}"
+    assert log.redact("ok") == "ok"
+    assert log.redact("") == ""
+
+
+@pytest.mark.usefixtures("registry")
+def test_short_values_are_not_remembered() -> None:
+    model.Secret("1234567")
+    assert model.Secret.known_values() == ()
+    assert model.Secret.find_in("x 1234567 y") == ()
+
+
+@pytest.mark.usefixtures("registry")
+def test_find_in_agrees_with_a_search_for_every_known_value() -> None:
+    # Two letters: values share prefixes and overlap in the text all the time.
+    rng = random.Random(20250301)
+    values = {"".join(rng.choice("ab") for _ in range(rng.randint(8, 14))) for _ in range(60)}
+    for value in values:
+        model.Secret(value)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "b", " ", "ab", "ba", "aab"]) for _ in range(30))
+        found = model.Secret.find_in(text)
+        assert set(found) == {value for value in values if value in text}
+        assert len(found) == len(set(found))
+        assert [len(value) for value in found] == sorted(map(len, found), reverse=True)
+        redacted = log.redact(text)
+        assert not [value for value in values if value in redacted]
