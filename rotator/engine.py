@@ -27,12 +27,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import structlog
 
 from rotator import errors, identity, model, ports, rotation
 
 log = structlog.get_logger("rotator.engine")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,44 @@ class StatusView:
     last_error: str | None
     last_rotation_at: datetime | None
     failures: int
+
+
+SHARED_READS_MAX_AGE = timedelta(seconds=60)  # of a group or policy read, for other targets
+
+
+class _SharedReads:
+    """Reads of groups and policies, shared by every target that names them for a while.
+
+    A fleet's targets usually share one group and one policy: reading them for each target
+    would make a sweep cost targets x calls. A failed read is not kept; a change the engine
+    makes forgets what it changed. One read per key at a time: workers asking for it meanwhile
+    wait for that answer rather than asking too.
+    """
+
+    def __init__(self, clock: ports.Clock) -> None:
+        self._clock = clock
+        self._entries: dict[tuple[str, str], tuple[datetime, object]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(
+        self, key: tuple[str, str], read: Callable[[], T], max_age: timedelta, *, fresh: bool
+    ) -> T:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            entry = self._entries.get(key)
+            now = self._clock.now()
+            if not fresh and entry is not None and timedelta(0) <= now - entry[0] < max_age:
+                return entry[1]  # type: ignore[return-value]  # stored by this same key's read
+            value = read()
+            self._entries[key] = (self._clock.now(), value)
+            return value
+
+    def forget(self, *keys: tuple[str, str]) -> None:
+        with self._guard:
+            for key in keys:
+                self._entries.pop(key, None)
 
 
 class Stopped(Exception):
@@ -133,6 +174,7 @@ class _Pass:
     decision: rotation.Decision | None = None
     keys_observed: bool = False
     user_missing: bool = False
+    identity_due: bool = False  # the identity needs changes: made under the lease
     lease: _Lease | None = None
 
 
@@ -157,7 +199,9 @@ class Engine:
         self._lock = lock
         self._lock_ttl = lock_ttl
         self._holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._identity_checked: set[str] = set()  # targets checked since this process started
+        # target -> when this engine last checked its identity (every target once at start)
+        self._identity_checked: dict[str, datetime] = {}
+        self._shared = _SharedReads(clock)
 
     # --- the pass ------------------------------------------------------------------------
 
@@ -188,13 +232,13 @@ class Engine:
             self._observe_keys(p)
             if self._needs_work(p, force=force, check_identity=check_identity):
                 if self._lock is None or self._dry_run:
-                    self._work(p, force=force, check_identity=check_identity)
+                    self._work(p, force=force)
                 else:
                     with self._leased(spec, lock_wait) as lease:
                         if not lease.resumed:
                             p = self._reobserve(p)
                         p.lease = lease
-                        self._work(p, force=force, check_identity=check_identity)
+                        self._work(p, force=force)
         except LockHeld as held:
             skipped = f"lock held by {held.holder}"
             bound.debug("pass_skipped", reason=skipped)
@@ -267,19 +311,31 @@ class Engine:
             stored=stored,
             published=self._store.read_published(p.spec.secret_path),
             state=stored.state,
+            identity_due=p.identity_due,
         )
         self._observe_keys(fresh)
         return fresh
 
     def _needs_work(self, p: _Pass, *, force: bool, check_identity: bool) -> bool:
-        """Whether this pass must act (and so take the lock): nothing to do on an idle pass."""
-        if p.user_missing or self._identity_due(p, force=check_identity):
+        """Whether this pass must act (and so take the lock): nothing to do on an idle pass.
+
+        A due identity check is an observation too: only when it finds something to change
+        does the pass take the lock (and observe the identity again under it)."""
+        if p.user_missing:
+            p.identity_due = True
             return True
+        if self._identity_due(p, force=check_identity):
+            changes, _ = self._observe_identity(p, fresh=check_identity)
+            if changes:
+                p.identity_due = True
+                return True
+            self._identity_checked_now(p)
         p.decision = self._decide(p, force=force)
         return bool(p.decision.actions) or self._outcome(p) != p.stored.state
 
-    def _work(self, p: _Pass, *, force: bool, check_identity: bool) -> None:
-        self._ensure_identity(p, force=check_identity or p.user_missing)
+    def _work(self, p: _Pass, *, force: bool) -> None:
+        if p.identity_due:
+            self._ensure_identity(p)
         if p.user_missing and not self._dry_run:
             p.user_missing = False
             self._observe_keys(p)
@@ -311,34 +367,75 @@ class Engine:
     # --- identity ------------------------------------------------------------------------
 
     def _identity_due(self, p: _Pass, *, force: bool) -> bool:
+        """At start (first pass of this engine), on a config change, every
+        ``identity_check_interval``, and when asked (`rotator rotate`)."""
         desired = p.spec.desired
         if desired is None:
             return False
-        checked = p.state.identity_checked_at
+        checked = self._identity_checked.get(p.spec.name)
         return (
             force
-            or p.spec.name not in self._identity_checked
-            or p.state.identity_digest != desired.digest()
             or checked is None
+            or p.state.identity_digest != desired.digest()
             or self._clock.now() - checked >= p.spec.identity_check_interval
         )
 
-    def _ensure_identity(self, p: _Pass, *, force: bool) -> None:
+    def _observe_identity(
+        self, p: _Pass, *, fresh: bool
+    ) -> tuple[tuple[identity.Change, ...], model.Policy | None]:
+        """The changes the identity needs, and the policy as observed.
+
+        The group and the policy are usually shared by many targets: their reads are shared
+        too (``SHARED_READS_MAX_AGE``) unless ``fresh``; the user is read for each target."""
         desired = p.spec.desired
-        if desired is None or not self._identity_due(p, force=force):
-            return
-        now = self._clock.now()
-        digest = desired.digest()
-        group = self._iam.get_group(desired.group) if desired.group else None
-        policy = self._iam.get_policy(desired.policy.name) if desired.policy else None
+        assert desired is not None
+        age = min(SHARED_READS_MAX_AGE, p.spec.identity_check_interval)
+        group_name, wanted = desired.group, desired.policy
+        group = (
+            self._shared.get(
+                ("group", group_name), lambda: self._iam.get_group(group_name), age, fresh=fresh
+            )
+            if group_name
+            else None
+        )
+        policy = (
+            self._shared.get(
+                ("policy", wanted.name), lambda: self._iam.get_policy(wanted.name), age, fresh=fresh
+            )
+            if wanted
+            else None
+        )
         user = self._iam.get_user(desired.user)
-        changes = identity.plan(desired, group, policy, user)
+        return identity.plan(desired, group, policy, user), policy
+
+    def _identity_checked_now(self, p: _Pass) -> None:
+        """Note a check that found nothing (left) to change. The state records it when the
+        digest changed and otherwise at most once per interval, so a check costs no write."""
+        desired = p.spec.desired
+        assert desired is not None
+        now = self._clock.now()
+        self._identity_checked[p.spec.name] = now
+        digest, checked = desired.digest(), p.state.identity_checked_at
+        if (
+            p.state.identity_digest != digest
+            or checked is None
+            or now - checked >= p.spec.identity_check_interval
+        ):
+            p.state = p.state.replace(identity_digest=digest, identity_checked_at=now)
+
+    def _ensure_identity(self, p: _Pass) -> None:
+        """Under the lease: observe the identity afresh and make the changes it needs."""
+        desired = p.spec.desired
+        if desired is None:
+            return
+        changes, policy = self._observe_identity(p, fresh=True)
         for change in changes:
             p.actions.append(change.describe())
             if self._dry_run:
                 continue
             self._check_stop(p)
             policy = self._apply_identity_change(change, policy)
+            self._shared.forget(*_shared_keys(change))
             log.info(
                 "identity_changed",
                 target=p.spec.name,
@@ -348,8 +445,7 @@ class Engine:
             )
         if self._dry_run:
             return
-        self._identity_checked.add(p.spec.name)
-        p.state = p.state.replace(identity_digest=digest, identity_checked_at=now)
+        self._identity_checked_now(p)
 
     def _apply_identity_change(
         self, change: identity.Change, policy: model.Policy | None
@@ -770,6 +866,16 @@ class Engine:
         self._store.write_state(spec.name, new_state, stored.version)
         log.info("key_adopted", target=spec.name, key_id=key_id)
         return f"{key_id} adopted: it retires through grace, Inactive and deletion"
+
+
+def _shared_keys(change: identity.Change) -> tuple[tuple[str, str], ...]:
+    """The shared reads a change makes stale."""
+    kind = identity.ChangeKind
+    if change.kind in (kind.CREATE_GROUP, kind.ATTACH_POLICY):
+        return (("group", change.group or change.subject),)
+    if change.kind in (kind.CREATE_POLICY, kind.CREATE_POLICY_VERSION, kind.DELETE_POLICY_VERSION):
+        return (("policy", change.subject),)
+    return ()
 
 
 def _missing_user(spec: TargetSpec) -> str:

@@ -137,7 +137,7 @@ def plan(
             )
     if user is None and desired.manage_user:
         changes.append(Change(ChangeKind.CREATE_USER, desired.user, "user is missing"))
-    if desired.group is not None and (group is None or desired.user not in group.members):
+    if desired.group is not None and (user is None or desired.group not in user.groups):
         changes.append(
             Change(
                 ChangeKind.ADD_USER_TO_GROUP,

@@ -213,14 +213,17 @@ class Policy:
 
 @dataclass(frozen=True)
 class Group:
+    """A group and the names of the managed policies attached to it (not its members: a
+    shared group's member list grows with the fleet, a user's groups do not)."""
+
     name: str
-    members: frozenset[str]
-    attached_policies: frozenset[str]  # policy names
+    attached_policies: frozenset[str]
 
 
 @dataclass(frozen=True)
 class User:
     name: str
+    groups: frozenset[str] = frozenset()  # the names of the groups the user is a member of
 
 
 # --- Vault side ------------------------------------------------------------------------------

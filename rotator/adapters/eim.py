@@ -180,9 +180,8 @@ def _translate_client_error(
 
 def _safe(text: str) -> str:
     """A server or library message fit to quote: no known secret in it, and short."""
-    for value in model.Secret.known_values():
-        if value in text:
-            text = text.replace(value, "**********")
+    for value in model.Secret.find_in(text):  # longest first
+        text = text.replace(value, "**********")
     text = " ".join(text.split())
     return text if len(text) <= _MESSAGE_MAX else text[: _MESSAGE_MAX - 3] + "..."
 
@@ -293,8 +292,10 @@ class EimIdentity:
             read_timeout=min(read_timeout, _VERIFY_READ_TIMEOUT),
             user_agent_extra="rotator",
         )
-        # boto3 sessions are not thread-safe (clients are): verify_key makes a client per call.
-        self._session_lock = threading.Lock()
+        # boto3 sessions are not thread-safe (clients are): verify_key makes a client per call
+        # from a session of its own thread, so verifications by several workers run side by side.
+        self._verify_sessions = threading.local()
+        self._session_lock = threading.Lock()  # held while the credentials are replaced
         self._config = Config(
             retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
             connect_timeout=connect_timeout,
@@ -312,11 +313,9 @@ class EimIdentity:
             Config(retries={"mode": "standard", "total_max_attempts": 1})
         )
         self._credentials = credentials() if callable(credentials) else credentials
-        self._session, self._client, self._once_client = self._build(self._credentials)
+        self._client, self._once_client = self._build(self._credentials)
 
-    def _build(
-        self, credentials: tuple[str, model.Secret] | None
-    ) -> tuple[boto3.Session, IAMClient, IAMClient]:
+    def _build(self, credentials: tuple[str, model.Secret] | None) -> tuple[IAMClient, IAMClient]:
         try:
             if credentials is None:
                 session = boto3.Session(region_name=self._region)
@@ -342,7 +341,7 @@ class EimIdentity:
             raise errors.ConfigError("eim.endpoint", f"{self._endpoint_url!r}: {exc}") from exc
         self._register_signing_name(client, "iam")
         self._register_signing_name(once, "iam")
-        return session, client, once
+        return client, once
 
     def _reload_credentials(self) -> None:
         if self._source is None or time.monotonic() - self._checked_at < 1.0:
@@ -352,7 +351,7 @@ class EimIdentity:
             fresh = self._source()
             if fresh == self._credentials:
                 return
-            self._session, self._client, self._once_client = self._build(fresh)
+            self._client, self._once_client = self._build(fresh)
             self._credentials = fresh
         _log.info("eim_credentials_reloaded", key_id=fresh[0])
 
@@ -382,12 +381,10 @@ class EimIdentity:
     # --- observation ---------------------------------------------------------------------
 
     def get_group(self, name: str) -> model.Group | None:
-        members: set[str] = set()
+        # ListAttachedGroupPolicies, not GetGroup: GetGroup returns every member, a list as long
+        # as the fleet when all targets share a group. NoSuchEntity says the group is missing.
         policies: set[str] = set()
         try:
-            with self._calling("GetGroup"):
-                for page in self._client.get_paginator("get_group").paginate(GroupName=name):
-                    members.update(plain_name(u["UserName"]) for u in page.get("Users", []))
             with self._calling("ListAttachedGroupPolicies"):
                 pages = self._client.get_paginator("list_attached_group_policies").paginate(
                     GroupName=name
@@ -400,9 +397,7 @@ class EimIdentity:
                     )
         except errors.EimNoSuchEntity:
             return None
-        return model.Group(
-            name=name, members=frozenset(members), attached_policies=frozenset(policies)
-        )
+        return model.Group(name=name, attached_policies=frozenset(policies))
 
     def get_policy(self, name: str) -> model.Policy | None:
         found: dict[str, Any] | None = None
@@ -460,13 +455,21 @@ class EimIdentity:
         )
 
     def get_user(self, name: str) -> model.User | None:
+        # One call says both whether the user exists (NoSuchEntity) and which groups it is in.
+        groups: set[str] = set()
         try:
-            with self._calling("GetUser"):
-                self._client.get_user(UserName=name)
+            with self._calling("ListGroupsForUser"):
+                pages = self._client.get_paginator("list_groups_for_user").paginate(UserName=name)
+                for page in pages:
+                    groups.update(
+                        plain_name(g["GroupName"])
+                        for g in page.get("Groups", [])
+                        if "GroupName" in g
+                    )
         except errors.EimNoSuchEntity:
             return None
         # The name asked for, not the answer's: EIM may spell it as an ORN.
-        return model.User(name=name)
+        return model.User(name=name, groups=frozenset(groups))
 
     # --- changes -------------------------------------------------------------------------
 
@@ -549,18 +552,30 @@ class EimIdentity:
         with self._calling("DeleteAccessKey"):
             self._client.delete_access_key(UserName=user, AccessKeyId=key_id)
 
+    def _verify_session(self) -> boto3.Session:
+        """This thread's session for verification clients (it holds no credentials itself)."""
+        session: boto3.Session | None = getattr(self._verify_sessions, "session", None)
+        if session is None:
+            try:
+                session = boto3.Session(region_name=self._region)
+            except botocore.exceptions.BotoCoreError as exc:
+                raise errors.ConfigError(
+                    "eim", f"the boto3 session cannot be set up: {_safe(str(exc))}"
+                ) from exc
+            self._verify_sessions.session = session
+        return session
+
     def verify_key(self, key_id: str, secret: model.Secret) -> model.VerifyResult:
         service = self._verify_action.split(":", 1)[0]
-        with self._session_lock:
-            # Explicit credentials: the key under test only, never the environment's chain.
-            client: Any = self._session.client(
-                service,  # type: ignore[call-overload]  # "iam" or "sts", checked at init
-                endpoint_url=self._endpoint_url,
-                aws_access_key_id=key_id,
-                aws_secret_access_key=secret.reveal(),
-                aws_session_token=None,
-                config=self._verify_config,
-            )
+        # Explicit credentials: the key under test only, never the environment's chain.
+        client: Any = self._verify_session().client(
+            service,  # type: ignore[call-overload]  # "iam" or "sts", checked at init
+            endpoint_url=self._endpoint_url,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret.reveal(),
+            aws_session_token=None,
+            config=self._verify_config,
+        )
         self._register_signing_name(client, service)
         endpoint = str(client.meta.endpoint_url)
         try:

@@ -809,7 +809,7 @@ def _vault_said(exc: hvac.exceptions.VaultError) -> str:
     """Vault's own error text, short, with anything that looks like a known secret removed."""
     raw = exc.errors if isinstance(exc.errors, list) else [exc.args[0] if exc.args else ""]
     text = " ".join(" ".join(str(e).split()) for e in raw if e) or "no detail"
-    for secret in model.Secret.known_values():
+    for secret in model.Secret.find_in(text):  # longest first
         text = text.replace(secret, "**********")
     return text[:300]
 

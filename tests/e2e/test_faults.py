@@ -302,25 +302,13 @@ def test_vault_dying_under_the_daemon_freezes_iam_fails_readiness_counts_errors_
 
 # --- the rotator's own EIM permissions ------------------------------------------------------------
 
+# The policy shipped for the rotator's own user (deploy/policies/eim-rotator.json).
 NEEDED = [
-    "iam:GetGroup",
-    "iam:GetPolicy",
-    "iam:GetPolicyVersion",
-    "iam:ListPolicies",
-    "iam:ListPolicyVersions",
-    "iam:GetUser",
-    "iam:ListAttachedGroupPolicies",
-    "iam:CreateGroup",
-    "iam:CreatePolicy",
-    "iam:CreatePolicyVersion",
-    "iam:DeletePolicyVersion",
-    "iam:AttachGroupPolicy",
-    "iam:CreateUser",
-    "iam:AddUserToGroup",
-    "iam:ListAccessKeys",
-    "iam:CreateAccessKey",
-    "iam:DeleteAccessKey",
-    "iam:UpdateAccessKey",
+    action
+    for statement in json.loads(
+        (Path(__file__).parents[2] / "deploy/policies/eim-rotator.json").read_text()
+    )["Statement"]
+    for action in statement["Action"]
 ]
 
 

@@ -120,12 +120,12 @@ def test_transient_error_answers_are_retried_and_the_pass_succeeds(
     cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
     # two faults on two calls of the pass: each retried within the call (max_attempts 4)
     iam_proxy.inject(fault, action="ListAccessKeys", count=2)
-    iam_proxy.inject(fault, action="GetGroup", count=2)
+    iam_proxy.inject(fault, action="ListAttachedGroupPolicies", count=2)
     once = run_cli(cfg, daemon_env, "run", "--once")
     assert once.returncode == 0, once.stdout + once.stderr
     status = STATUS[fault]
     assert statuses(iam_proxy, "ListAccessKeys")[:3] == [status, status, 404]  # no user yet
-    assert statuses(iam_proxy, "GetGroup")[:3] == [status, status, 404]  # no group yet
+    assert statuses(iam_proxy, "ListAttachedGroupPolicies")[:3] == [status, status, 404]  # no group
     assert len(keys_of(iam_admin)) == 1
     assert published_id(vault) in keys_of(iam_admin)
     assert "Traceback" not in once.stdout + once.stderr
@@ -165,7 +165,7 @@ def test_a_dropped_answer_and_a_read_timeout_are_retried_and_the_pass_succeeds(
     daemon_env: dict[str, str],
 ) -> None:
     cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h", read_timeout="1s")
-    iam_proxy.drop_response(action="GetGroup", count=1)  # idempotent reads only: see below
+    iam_proxy.drop_response(action="ListAttachedGroupPolicies", count=1)  # idempotent: see below
     stuck = iam_proxy.hold(action="ListPolicies", count=1)  # never answered: a read timeout
     started_at = time.monotonic()
     once = run_cli(cfg, daemon_env, "run", "--once")
@@ -174,7 +174,7 @@ def test_a_dropped_answer_and_a_read_timeout_are_retried_and_the_pass_succeeds(
     stuck.release(forward=False)
     assert stuck.wait_finished(10)
     assert once.returncode == 0, once.stdout + once.stderr
-    assert statuses(iam_proxy, "GetGroup")[:2] == [None, 404]  # dropped, then retried
+    assert statuses(iam_proxy, "ListAttachedGroupPolicies")[:2] == [None, 404]  # dropped, retried
     assert iam_proxy.count("ListPolicies", unanswered=True) == 1
     assert iam_proxy.count("ListPolicies") >= 2  # the timed-out call was sent again
     assert published_id(vault) in keys_of(iam_admin)

@@ -77,18 +77,14 @@ def test_seed_identity_is_created_and_observed_back(
     policy = identity.get_policy("monitoring")
     user = identity.get_user("watcher_1")
 
-    assert group == model.Group(
-        name="monitoring",
-        members=frozenset({"watcher_1"}),
-        attached_policies=frozenset({"monitoring"}),
-    )
+    assert group == model.Group(name="monitoring", attached_policies=frozenset({"monitoring"}))
     assert policy is not None
     assert policy.arn == seeded
     assert policy.document == SEED_DOCUMENT
     assert policy.default_version_id == "v1"
     assert [(v.version_id, v.is_default) for v in policy.versions] == [("v1", True)]
     assert policy.versions[0].created.tzinfo is not None
-    assert user == model.User(name="watcher_1")
+    assert user == model.User(name="watcher_1", groups=frozenset({"monitoring"}))
     described = iam_admin.client().get_policy(PolicyArn=seeded)["Policy"]
     assert described["Description"] == SEED_DESCRIPTION
 
@@ -264,7 +260,7 @@ def test_credentials_none_uses_the_standard_boto3_chain(
     from_env.create_user("made_with_env_credentials")
 
     assert from_env.get_user("made_with_env_credentials") == model.User(
-        name="made_with_env_credentials"
+        name="made_with_env_credentials", groups=frozenset()
     )
 
 
@@ -357,6 +353,15 @@ GET_USER_OK = b"""<GetUserResponse xmlns="https://iam.amazonaws.com/doc/2010-05-
   <ResponseMetadata><RequestId>00000000-0000-0000-0000-000000000000</RequestId></ResponseMetadata>
 </GetUserResponse>"""
 
+LIST_GROUPS_OK = b"""<ListGroupsForUserResponse xmlns="https://iam.amazonaws.com/doc/2010-05-08/">
+  <ListGroupsForUserResult><Groups><member><Path>/</Path><GroupName>monitoring</GroupName>
+    <GroupId>AGPAEXAMPLEGROUP0001</GroupId><Arn>arn:aws:iam::123456789012:group/monitoring</Arn>
+    <CreateDate>2017-02-08T14:11:46.463Z</CreateDate></member></Groups>
+    <IsTruncated>false</IsTruncated></ListGroupsForUserResult>
+  <ResponseMetadata><RequestId>00000000-0000-0000-0000-000000000001</RequestId></ResponseMetadata>
+</ListGroupsForUserResponse>"""
+WATCHER = model.User(name="watcher_1", groups=frozenset({"monitoring"}))
+
 THROTTLED = b"""<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code>
   <Message>Rate exceeded</Message></Error><RequestId>1</RequestId></ErrorResponse>"""
 
@@ -420,15 +425,18 @@ def recorded_identity(rec: Recorder, **options: Any) -> eim.EimIdentity:
 
 
 def test_default_signing_name_is_iam(recorder: Recorder) -> None:
-    assert recorded_identity(recorder).get_user("watcher_1") == model.User(name="watcher_1")
+    recorder.answers = [(200, LIST_GROUPS_OK)]
+
+    assert recorded_identity(recorder).get_user("watcher_1") == WATCHER
 
     authorization = recorder.requests[0]["Authorization"]
     assert "/eu-west-2/iam/aws4_request" in authorization
-    assert "Action=GetUser" in recorder.requests[0]["_body"]
+    assert "Action=ListGroupsForUser" in recorder.requests[0]["_body"]
 
 
 def test_signing_name_eim_puts_eim_in_the_credential_scope(recorder: Recorder) -> None:
     identity = recorded_identity(recorder, signing_name="eim")
+    recorder.answers = [(200, LIST_GROUPS_OK), (200, GET_USER_OK)]
 
     identity.get_user("watcher_1")
     identity.verify_key("AKIANEWKEYNEWKEY0000", model.Secret("n" * 40))
@@ -442,11 +450,11 @@ def test_signing_name_eim_puts_eim_in_the_credential_scope(recorder: Recorder) -
 
 
 def test_throttled_call_is_retried_by_botocore_then_succeeds(recorder: Recorder) -> None:
-    recorder.answers = [(400, THROTTLED), (200, GET_USER_OK)]
+    recorder.answers = [(400, THROTTLED), (200, LIST_GROUPS_OK)]
 
     user = recorded_identity(recorder, max_attempts=2).get_user("watcher_1")
 
-    assert user == model.User(name="watcher_1")
+    assert user == WATCHER
     assert len(recorder.requests) == 2
 
 

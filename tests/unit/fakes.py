@@ -139,12 +139,10 @@ class FakeIAM:
 
     # Identity port: observation
     def get_group(self, name: str) -> model.Group | None:
-        self._call("GetGroup")
+        self._call("ListAttachedGroupPolicies")
         if name not in self.groups:
             return None
-        return model.Group(
-            name, frozenset(self.groups[name]), frozenset(self.group_policies.get(name, ()))
-        )
+        return model.Group(name, frozenset(self.group_policies.get(name, ())))
 
     def get_policy(self, name: str) -> model.Policy | None:
         self._call("GetPolicy")
@@ -158,8 +156,12 @@ class FakeIAM:
         return model.Policy(name, f"arn:fake:policy/{name}", default, doc, versions)
 
     def get_user(self, name: str) -> model.User | None:
-        self._call("GetUser")
-        return model.User(name) if name in self.users else None
+        self._call("ListGroupsForUser")
+        if name not in self.users:
+            return None
+        return model.User(
+            name, frozenset(g for g, members in self.groups.items() if name in members)
+        )
 
     # Identity port: changes
     def create_group(self, name: str) -> None:

@@ -145,24 +145,17 @@ def test_list_answers_without_is_truncated_or_marker_are_one_page(
         },
     )
     stub.add_response(
-        "get_group",
+        "list_groups_for_user",
         {
-            "Group": {
-                "Path": "/",
-                "GroupName": "monitoring",
-                "GroupId": "AGPAEXAMPLEGROUP001",
-                "Arn": f"arn:aws:iam::{ACCOUNT}:group/monitoring",
-                "CreateDate": CREATED,
-            },
-            "Users": [
+            "Groups": [
                 {
                     "Path": "/",
-                    "UserName": "watcher_1",
-                    "UserId": "AIDAEXAMPLEUSER0001",
-                    "Arn": f"arn:aws:iam::{ACCOUNT}:user/watcher_1",
+                    "GroupName": "monitoring",
+                    "GroupId": "AGPAEXAMPLEGROUP001",
+                    "Arn": f"orn:ows:idauth::{ACCOUNT}:group/monitoring",
                     "CreateDate": CREATED,
                 }
-            ],
+            ]
         },
     )
     stub.add_response(
@@ -171,14 +164,12 @@ def test_list_answers_without_is_truncated_or_marker_are_one_page(
     )
 
     keys = identity.list_keys("watcher_1")
+    user = identity.get_user("watcher_1")
     group = identity.get_group("monitoring")
 
     assert [k.key_id for k in keys] == ["AKIAEXAMPLEKEY0001", "AKIAEXAMPLEKEY0002"]
-    assert group == model.Group(
-        name="monitoring",
-        members=frozenset({"watcher_1"}),
-        attached_policies=frozenset({"monitoring"}),
-    )
+    assert user == model.User(name="watcher_1", groups=frozenset({"monitoring"}))
+    assert group == model.Group(name="monitoring", attached_policies=frozenset({"monitoring"}))
 
 
 def test_list_answers_with_a_marker_are_followed_to_the_last_page(
@@ -346,9 +337,11 @@ def test_no_such_entity_with_status_400_means_the_user_is_absent(
     identity: eim.EimIdentity, stub: Stubber
 ) -> None:
     stub.add_client_error(
-        "get_user", "NoSuchEntity", "UnknownPrincipalException", http_status_code=400
+        "list_groups_for_user", "NoSuchEntity", "UnknownPrincipalException", http_status_code=400
     )
-    stub.add_client_error("get_group", "NoSuchEntity", "no such group", http_status_code=400)
+    stub.add_client_error(
+        "list_attached_group_policies", "NoSuchEntity", "no such group", http_status_code=400
+    )
 
     assert identity.get_user("watcher_1") is None
     assert identity.get_group("monitoring") is None
@@ -514,7 +507,7 @@ def test_verify_raises_on_anything_else(
 def _stub_verification(
     identity: eim.EimIdentity, monkeypatch: pytest.MonkeyPatch, script: Any
 ) -> None:
-    session = identity._session
+    session = identity._verify_session()  # this thread's: the test calls verify_key from it
     real_client = session.client
 
     def client(*args: Any, **kwargs: Any) -> Any:
@@ -595,27 +588,18 @@ def test_an_invalid_endpoint_is_a_config_error_naming_the_key() -> None:
     assert caught.value.path == "eim.endpoint"
 
 
-def test_group_members_answered_as_orns_are_plain_names(
+def test_groups_of_a_user_answered_as_orns_are_plain_names(
     identity: eim.EimIdentity, stub: Stubber
 ) -> None:
     group = {
-        "Path": "/",
-        "GroupName": "monitoring",
+        "Path": "/team/",
+        "GroupName": f"orn:ows:idauth::{ACCOUNT}:group/team/monitoring",
         "GroupId": "AGPAEXAMPLEGROUP001",
-        "Arn": f"arn:aws:iam::{ACCOUNT}:group/monitoring",
+        "Arn": f"orn:ows:idauth::{ACCOUNT}:group/team/monitoring",
         "CreateDate": CREATED,
     }
-    member = {
-        "Path": "/",
-        "UserName": f"orn:ows:idauth::{ACCOUNT}:user/watcher_1",
-        "UserId": "AIDAEXAMPLEUSER0001",
-        "Arn": f"arn:aws:iam::{ACCOUNT}:user/watcher_1",
-        "CreateDate": CREATED,
-    }
-    stub.add_response("get_group", {"Group": group, "Users": [member]})
-    stub.add_response("list_attached_group_policies", {"AttachedPolicies": []})
+    stub.add_response("list_groups_for_user", {"Groups": [group]})
 
-    observed = identity.get_group("monitoring")
+    observed = identity.get_user("watcher_1")
 
-    assert observed is not None
-    assert observed.members == frozenset({"watcher_1"})
+    assert observed == model.User(name="watcher_1", groups=frozenset({"monitoring"}))

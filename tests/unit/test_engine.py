@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -180,10 +181,87 @@ def test_identity_is_not_rechecked_on_every_pass() -> None:
     w.clock.advance(seconds=30)
     w.iam.calls.clear()
     w.run()
-    assert "GetGroup" not in w.iam.calls
+    assert "ListGroupsForUser" not in w.iam.calls
     w.clock.advance(hours=1)
     w.run()
-    assert "GetGroup" in w.iam.calls
+    assert "ListGroupsForUser" in w.iam.calls
+
+
+def make_fleet(count: int) -> tuple[World, list[engine.TargetSpec]]:
+    """``count`` targets, each with its own user, all sharing one group and one policy."""
+    w = World()
+    specs = [
+        dataclasses.replace(
+            SPEC,
+            name=f"t{i}",
+            user=f"user{i}",
+            secret_path=f"fleet/t{i}",
+            desired=dataclasses.replace(SPEC.desired, user=f"user{i}"),
+        )
+        for i in range(count)
+    ]
+    return w, specs
+
+
+def test_a_sweep_reads_the_shared_group_and_policy_once_not_once_per_target() -> None:
+    w, specs = make_fleet(5)
+    for spec in specs:
+        assert w.engine.run_pass(spec).ok
+    w.iam.calls.clear()
+    restarted = engine.Engine(w.iam, w.vault, w.clock)  # a new process checks every identity
+
+    reports = [restarted.run_pass(spec) for spec in specs]
+
+    assert all(r.ok and not r.rotated for r in reports)
+    assert w.iam.calls.count("ListGroupsForUser") == 5  # the user and its groups: per target
+    assert w.iam.calls.count("ListAttachedGroupPolicies") == 1
+    assert w.iam.calls.count("GetPolicy") == 1
+
+
+def test_an_identity_check_that_finds_nothing_to_change_takes_no_lease_and_writes_nothing() -> None:
+    w = World()
+    w.run()
+    lock = FakeLock(w.clock)
+    lock.acquire(SPEC.name, "replica-b", 3600)  # were the lease needed, the pass would skip
+    restarted = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    writes = w.vault.writes
+
+    report = restarted.run_pass(SPEC)
+
+    assert report.ok and report.skipped is None
+    assert "ListGroupsForUser" in w.iam.calls
+    assert w.vault.writes == writes
+
+
+def test_a_shared_read_older_than_its_max_age_is_read_again() -> None:
+    w, specs = make_fleet(2)
+    for spec in specs:
+        w.engine.run_pass(spec)
+    w.clock.advance(hours=1)  # both identities due again
+    w.iam.calls.clear()
+    w.engine.run_pass(specs[0])
+    w.clock.advance(seconds=engine.SHARED_READS_MAX_AGE.total_seconds())
+
+    w.engine.run_pass(specs[1])
+
+    assert w.iam.calls.count("ListAttachedGroupPolicies") == 2
+
+
+def test_a_policy_drift_seen_in_a_shared_read_is_repaired_from_a_fresh_read() -> None:
+    w, specs = make_fleet(2)
+    for spec in specs:
+        w.engine.run_pass(spec)
+    w.clock.advance(hours=1)
+    w.engine.run_pass(specs[0])  # the shared reads are now fresh and show no drift
+    w.iam.create_policy_version("arn:fake:policy/monitoring", {"Statement": []})  # drift
+
+    w.engine.run_pass(specs[1])  # its shared read is stale: no drift seen, nothing done
+    w.clock.advance(hours=1)
+    report = w.engine.run_pass(specs[1])
+
+    assert any(a.startswith("create_policy_version") for a in report.actions)
+    default = w.iam.default_version["monitoring"]
+    assert [d for v, d, _ in w.iam.policies["monitoring"] if v == default] == [DOC]
 
 
 def test_dry_run_plans_but_changes_nothing() -> None:
@@ -385,4 +463,5 @@ def test_a_forced_rotation_makes_only_the_calls_a_rotation_needs() -> None:
     w.iam.calls.clear()
     report = w.engine.run_pass(SPEC, force=True, check_identity=True)
     assert report.blocked  # the previous key is still in its grace period
-    assert "GetGroup" in w.iam.calls  # `rotator rotate` also checks the identity
+    assert {"ListGroupsForUser", "ListAttachedGroupPolicies", "GetPolicy"} <= set(w.iam.calls)
+    # `rotator rotate` also checks the identity, reading even the shared group and policy
