@@ -3,8 +3,9 @@
 Per target: ListAccessKeys, read state, read the published secret, CreateAccessKey, write the
 pending key (check-and-set), verify (iam:GetUser signed with the new key), publish
 (check-and-set), write the final state (check-and-set): 3 IAM calls, 2 Vault reads, 3 Vault
-writes. Same libraries as rotator (boto3, hvac), one client of each per worker thread, so the
-ratio measures rotator's own overhead, not the libraries'.
+writes. Same libraries used the same way as rotator (one boto3 client and one hvac client shared
+by the worker threads, the verification client made from the shared session under a lock), so
+the ratio measures rotator's own overhead, not the libraries'.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import boto3
 import botocore.exceptions
 import hvac
 import hvac.exceptions
+import requests
 from botocore.config import Config
 
 from tests.support import servers
@@ -36,25 +38,23 @@ class LbTarget:
 
 
 class LowerBound:
-    """Thread-local boto3 and hvac clients against the bench servers."""
+    """One boto3 client and one hvac client, shared by the workers (both are thread-safe)."""
 
     def __init__(self, admin: servers.MotoAdmin, vault_address: str, token: str) -> None:
-        self._admin, self._address, self._token = admin, vault_address, token
-        self._local = threading.local()
+        self._admin = admin
+        self._session = boto3.Session(
+            aws_access_key_id=admin.access_key_id,
+            aws_secret_access_key=admin.secret_access_key,
+            region_name=admin.region,
+        )
+        self._iam = self._session.client("iam", endpoint_url=admin.endpoint, config=_CONFIG)
+        session = requests.Session()
+        session.trust_env = False  # as rotator's: the environment is read once, not per call
+        self._vault = hvac.Client(url=vault_address, token=token, session=session)
+        self._session_lock = threading.Lock()  # boto3 sessions are not thread-safe
 
     def _clients(self) -> tuple[Any, Any, Any]:
-        local = self._local
-        if not hasattr(local, "iam"):
-            local.session = boto3.Session(
-                aws_access_key_id=self._admin.access_key_id,
-                aws_secret_access_key=self._admin.secret_access_key,
-                region_name=self._admin.region,
-            )
-            local.iam = local.session.client(
-                "iam", endpoint_url=self._admin.endpoint, config=_CONFIG
-            )
-            local.vault = hvac.Client(url=self._address, token=self._token)
-        return local.session, local.iam, local.vault
+        return self._session, self._iam, self._vault
 
     def _read(self, vault: Any, path: str) -> tuple[dict[str, Any], int]:
         try:
@@ -84,13 +84,14 @@ class LowerBound:
         created = datetime.now(UTC).isoformat()
         pending = {**state, "pending": {"key_id": key_id, "secret": secret, "created": created}}
         state_version = self._write(vault, target.state_path, pending, state_version)
-        probe = session.client(
-            "iam",
-            endpoint_url=self._admin.endpoint,
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret,
-            config=_VERIFY,
-        )
+        with self._session_lock:
+            probe = session.client(
+                "iam",
+                endpoint_url=self._admin.endpoint,
+                aws_access_key_id=key_id,
+                aws_secret_access_key=secret,
+                config=_VERIFY,
+            )
         try:
             probe.get_user()
         except botocore.exceptions.ClientError as exc:
@@ -119,13 +120,6 @@ class LowerBound:
     def run(self, targets: list[LbTarget], workers: int) -> tuple[float, list[str]]:
         """Rotate every target, ``workers`` at a time; (seconds, new key ids)."""
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lb") as pool:
-            warm = threading.Barrier(workers)  # every worker builds its clients before timing
-
-            def build(_: int) -> None:
-                self._clients()
-                warm.wait(30)
-
-            list(pool.map(build, range(workers)))
             started = time.perf_counter()
             new_ids = list(pool.map(self.rotate, targets))
             return time.perf_counter() - started, new_ids

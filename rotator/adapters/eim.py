@@ -293,9 +293,9 @@ class EimIdentity:
             user_agent_extra="rotator",
         )
         # boto3 sessions are not thread-safe (clients are): verify_key makes a client per call
-        # from a session of its own thread, so verifications by several workers run side by side.
-        self._verify_sessions = threading.local()
-        self._session_lock = threading.Lock()  # held while the credentials are replaced
+        # under this lock (a few ms; the call itself runs outside it). A session per thread
+        # would cost each new worker thread a cold service-model load (~100 ms of CPU).
+        self._session_lock = threading.Lock()
         self._config = Config(
             retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
             connect_timeout=connect_timeout,
@@ -313,9 +313,11 @@ class EimIdentity:
             Config(retries={"mode": "standard", "total_max_attempts": 1})
         )
         self._credentials = credentials() if callable(credentials) else credentials
-        self._client, self._once_client = self._build(self._credentials)
+        self._session, self._client, self._once_client = self._build(self._credentials)
 
-    def _build(self, credentials: tuple[str, model.Secret] | None) -> tuple[IAMClient, IAMClient]:
+    def _build(
+        self, credentials: tuple[str, model.Secret] | None
+    ) -> tuple[boto3.Session, IAMClient, IAMClient]:
         try:
             if credentials is None:
                 session = boto3.Session(region_name=self._region)
@@ -341,7 +343,7 @@ class EimIdentity:
             raise errors.ConfigError("eim.endpoint", f"{self._endpoint_url!r}: {exc}") from exc
         self._register_signing_name(client, "iam")
         self._register_signing_name(once, "iam")
-        return client, once
+        return session, client, once
 
     def _reload_credentials(self) -> None:
         if self._source is None or time.monotonic() - self._checked_at < 1.0:
@@ -351,7 +353,7 @@ class EimIdentity:
             fresh = self._source()
             if fresh == self._credentials:
                 return
-            self._client, self._once_client = self._build(fresh)
+            self._session, self._client, self._once_client = self._build(fresh)
             self._credentials = fresh
         _log.info("eim_credentials_reloaded", key_id=fresh[0])
 
@@ -552,30 +554,18 @@ class EimIdentity:
         with self._calling("DeleteAccessKey"):
             self._client.delete_access_key(UserName=user, AccessKeyId=key_id)
 
-    def _verify_session(self) -> boto3.Session:
-        """This thread's session for verification clients (it holds no credentials itself)."""
-        session: boto3.Session | None = getattr(self._verify_sessions, "session", None)
-        if session is None:
-            try:
-                session = boto3.Session(region_name=self._region)
-            except botocore.exceptions.BotoCoreError as exc:
-                raise errors.ConfigError(
-                    "eim", f"the boto3 session cannot be set up: {_safe(str(exc))}"
-                ) from exc
-            self._verify_sessions.session = session
-        return session
-
     def verify_key(self, key_id: str, secret: model.Secret) -> model.VerifyResult:
         service = self._verify_action.split(":", 1)[0]
-        # Explicit credentials: the key under test only, never the environment's chain.
-        client: Any = self._verify_session().client(
-            service,  # type: ignore[call-overload]  # "iam" or "sts", checked at init
-            endpoint_url=self._endpoint_url,
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret.reveal(),
-            aws_session_token=None,
-            config=self._verify_config,
-        )
+        with self._session_lock:
+            # Explicit credentials: the key under test only, never the environment's chain.
+            client: Any = self._session.client(
+                service,  # type: ignore[call-overload]  # "iam" or "sts", checked at init
+                endpoint_url=self._endpoint_url,
+                aws_access_key_id=key_id,
+                aws_secret_access_key=secret.reveal(),
+                aws_session_token=None,
+                config=self._verify_config,
+            )
         self._register_signing_name(client, service)
         endpoint = str(client.meta.endpoint_url)
         try:

@@ -853,3 +853,29 @@ def test_no_exception_message_or_repr_contains_a_token_or_secret(
         for secret in secrets:
             assert secret not in repr(store)
     assert read_only not in repr(vault_adapter.TokenAuth(model.Secret(read_only)))
+
+
+# --- the environment, read once ------------------------------------------------------------------
+
+
+def test_a_proxy_from_the_environment_is_used_and_no_proxy_bypasses_it(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{servers.free_port()}")  # nobody there
+
+    with pytest.raises(errors.VaultError):
+        make_store().read_state("web")  # sent to the proxy, which refuses the connection
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert make_store().read_state("web").version == 0  # straight to Vault
+
+
+def test_a_ca_bundle_from_the_environment_is_used_unless_ca_file_is_set(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "env-ca.pem"))
+
+    assert make_store()._session.verify == str(tmp_path / "env-ca.pem")
+    assert make_store(ca_file=str(tmp_path / "ca.pem"))._session.verify == str(tmp_path / "ca.pem")

@@ -507,7 +507,7 @@ def test_verify_raises_on_anything_else(
 def _stub_verification(
     identity: eim.EimIdentity, monkeypatch: pytest.MonkeyPatch, script: Any
 ) -> None:
-    session = identity._verify_session()  # this thread's: the test calls verify_key from it
+    session = identity._session
     real_client = session.client
 
     def client(*args: Any, **kwargs: Any) -> Any:
