@@ -424,11 +424,15 @@ class Engine:
             p.state = p.state.replace(identity_digest=digest, identity_checked_at=now)
 
     def _ensure_identity(self, p: _Pass) -> None:
-        """Under the lease: observe the identity afresh and make the changes it needs."""
+        """Under the lease: observe the identity and make the changes it needs. The user is
+        read again; the shared group and policy reads too when the group or policy needs a
+        change (another target may have made it meanwhile), not for a new user or membership."""
         desired = p.spec.desired
         if desired is None:
             return
-        changes, policy = self._observe_identity(p, fresh=True)
+        changes, policy = self._observe_identity(p, fresh=False)
+        if any(_shared_keys(change) for change in changes):
+            changes, policy = self._observe_identity(p, fresh=True)
         for change in changes:
             p.actions.append(change.describe())
             if self._dry_run:

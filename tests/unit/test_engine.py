@@ -218,6 +218,19 @@ def test_a_sweep_reads_the_shared_group_and_policy_once_not_once_per_target() ->
     assert w.iam.calls.count("GetPolicy") == 1
 
 
+def test_a_bootstrap_reads_the_shared_group_and_policy_again_only_for_their_own_changes() -> None:
+    w, specs = make_fleet(5)
+
+    reports = [w.engine.run_pass(spec) for spec in specs]
+
+    assert all(r.ok and r.rotated for r in reports)
+    assert all(any(a.startswith("create_user") for a in r.actions) for r in reports)
+    # the first target reads them, sees them missing, reads them afresh and creates them; the
+    # second reads them once more (its creator forgot the stale read); the others share that
+    assert w.iam.calls.count("ListAttachedGroupPolicies") == 3
+    assert w.iam.calls.count("GetPolicy") == 3 + 1  # + 1: the new policy's ARN, to attach it
+
+
 def test_an_identity_check_that_finds_nothing_to_change_takes_no_lease_and_writes_nothing() -> None:
     w = World()
     w.run()
