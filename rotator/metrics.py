@@ -11,12 +11,14 @@ other unbounded value into a label.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,10 +29,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from rotator import model
 
@@ -70,76 +79,156 @@ Probe: TypeAlias = Callable[[], bool | tuple[bool, str]]
 """A health or readiness check: ``True``/``False``, or ``(ok, reason)`` to explain a 503."""
 
 
+_ERROR_COMPONENTS: Final = (*COMPONENTS, OTHER_COMPONENT)
+_BUCKET_LABELS: Final = (
+    *(floatToGoString(b) for b in PASS_DURATION_BUCKETS),  # type: ignore[no-untyped-call]
+    "+Inf",
+)
+
+
+@dataclass(slots=True)
+class _Series:
+    """One target's values: a few dozen numbers, not a prometheus_client object per series
+    (which costs about 9 KB a target, 9 MB for a fleet of 1000)."""
+
+    rotations: list[float] = field(default_factory=lambda: [0.0] * len(ROTATION_RESULTS))
+    errors: list[float] = field(default_factory=lambda: [0.0] * len(_ERROR_COMPONENTS))
+    # observations per bucket (not cumulative), the last one for +Inf
+    buckets: list[float] = field(default_factory=lambda: [0.0] * (len(PASS_DURATION_BUCKETS) + 1))
+    duration_sum: float = 0.0
+    keys: list[float] = field(default_factory=lambda: [0.0] * len(KEY_STATUSES))
+    foreign: float = 0.0
+    blocked: float = 0.0
+    # gauges whose zero would be a lie (timestamps, the key age): absent until a pass sets them
+    last_rotation: float | None = None
+    last_pass_success: float | None = None
+    key_age: float | None = None
+    next_rotation: float | None = None
+
+
+class _TargetCollector(Collector):
+    """Exposes every target's ``_Series`` at scrape time (prometheus_client's custom collector
+    pattern, for label sets as many as the fleet)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.series: dict[str, _Series] = {}
+        self.global_errors: dict[str, float] = {"config": 0.0}  # target "": no target
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            items = [(target, _copy(series)) for target, series in self.series.items()]
+            global_errors = dict(self.global_errors)
+        rotations = CounterMetricFamily(
+            "rotator_rotations",
+            "Rotations attempted, by result (the first key issued for a target counts).",
+            labels=["target", "result"],
+        )
+        errors = CounterMetricFamily(
+            "rotator_errors",
+            "Errors by component (eim, vault, verify, lock, config, other).",
+            labels=["target", "component"],
+        )
+        durations = HistogramMetricFamily(
+            "rotator_pass_duration_seconds",
+            "Duration of one pass over one target.",
+            labels=["target"],
+        )
+        gauges = {
+            name: GaugeMetricFamily(name, doc, labels=labels) for name, doc, labels in _GAUGES
+        }
+        for component, value in global_errors.items():
+            errors.add_metric([GLOBAL_TARGET, component], value)
+        for target, series in items:
+            for result, value in zip(ROTATION_RESULTS, series.rotations, strict=True):
+                rotations.add_metric([target, result], value)
+            for component, value in zip(_ERROR_COMPONENTS, series.errors, strict=True):
+                errors.add_metric([target, component], value)
+            cumulative, running = [], 0.0
+            for label, count in zip(_BUCKET_LABELS, series.buckets, strict=True):
+                running += count
+                cumulative.append((label, running))
+            durations.add_metric([target], cumulative, sum_value=series.duration_sum)
+            for status, value in zip(KEY_STATUSES, series.keys, strict=True):
+                gauges["rotator_access_keys"].add_metric([target, status], value)
+            gauges["rotator_foreign_keys"].add_metric([target], series.foreign)
+            gauges["rotator_blocked"].add_metric([target], series.blocked)
+            for name, maybe in (
+                ("rotator_last_rotation_timestamp_seconds", series.last_rotation),
+                ("rotator_last_pass_success_timestamp_seconds", series.last_pass_success),
+                ("rotator_key_age_seconds", series.key_age),
+                ("rotator_next_rotation_timestamp_seconds", series.next_rotation),
+            ):
+                if maybe is not None:
+                    gauges[name].add_metric([target], maybe)
+        yield rotations
+        yield from gauges.values()
+        yield errors
+        yield durations
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no duplicate-name check against the registry's other metrics needed
+
+
+_GAUGES: Final = (
+    (
+        "rotator_last_rotation_timestamp_seconds",
+        "Unix time of the last successful rotation.",
+        ["target"],
+    ),
+    (
+        "rotator_last_pass_success_timestamp_seconds",
+        "Unix time of the last pass that ended without error.",
+        ["target"],
+    ),
+    ("rotator_key_age_seconds", "Age of the published access key at the last pass.", ["target"]),
+    (
+        "rotator_next_rotation_timestamp_seconds",
+        "Unix time when the next rotation is due.",
+        ["target"],
+    ),
+    (
+        "rotator_access_keys",
+        "Access keys the target's user has in IAM, by status (active, inactive).",
+        ["target", "status"],
+    ),
+    (
+        "rotator_foreign_keys",
+        "Access keys of the target's user that this rotator did not create.",
+        ["target"],
+    ),
+    (
+        "rotator_blocked",
+        "1 when a due rotation cannot proceed (no free key slot, ...), else 0.",
+        ["target"],
+    ),
+)
+
+
+def _copy(series: _Series) -> _Series:
+    return _Series(
+        rotations=list(series.rotations),
+        errors=list(series.errors),
+        buckets=list(series.buckets),
+        duration_sum=series.duration_sum,
+        keys=list(series.keys),
+        foreign=series.foreign,
+        blocked=series.blocked,
+        last_rotation=series.last_rotation,
+        last_pass_success=series.last_pass_success,
+        key_age=series.key_age,
+        next_rotation=series.next_rotation,
+    )
+
+
 class Metrics:
     """rotator's metrics (DESIGN.md section 4) on one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
-        self._lock = threading.Lock()
-        self._targets: set[str] = set()
-
-        self.rotations = Counter(
-            "rotator_rotations_total",
-            "Rotations attempted, by result (the first key issued for a target counts).",
-            ["target", "result"],
-            registry=reg,
-        )
-        self.last_rotation = Gauge(
-            "rotator_last_rotation_timestamp_seconds",
-            "Unix time of the last successful rotation.",
-            ["target"],
-            registry=reg,
-        )
-        self.last_pass_success = Gauge(
-            "rotator_last_pass_success_timestamp_seconds",
-            "Unix time of the last pass that ended without error.",
-            ["target"],
-            registry=reg,
-        )
-        self.key_age = Gauge(
-            "rotator_key_age_seconds",
-            "Age of the published access key at the last pass.",
-            ["target"],
-            registry=reg,
-        )
-        self.next_rotation = Gauge(
-            "rotator_next_rotation_timestamp_seconds",
-            "Unix time when the next rotation is due.",
-            ["target"],
-            registry=reg,
-        )
-        self.access_keys = Gauge(
-            "rotator_access_keys",
-            "Access keys the target's user has in IAM, by status (active, inactive).",
-            ["target", "status"],
-            registry=reg,
-        )
-        self.foreign_keys = Gauge(
-            "rotator_foreign_keys",
-            "Access keys of the target's user that this rotator did not create.",
-            ["target"],
-            registry=reg,
-        )
-        self.blocked = Gauge(
-            "rotator_blocked",
-            "1 when a due rotation cannot proceed (no free key slot, ...), else 0.",
-            ["target"],
-            registry=reg,
-        )
-        self.errors = Counter(
-            "rotator_errors_total",
-            "Errors by component (eim, vault, verify, lock, config, other).",
-            ["target", "component"],
-            registry=reg,
-        )
-        self.pass_duration = Histogram(
-            "rotator_pass_duration_seconds",
-            "Duration of one pass over one target.",
-            ["target"],
-            buckets=PASS_DURATION_BUCKETS,
-            registry=reg,
-        )
+        self._targets = _TargetCollector()
+        reg.register(self._targets)
         self.build_info = Gauge(
             "rotator_build_info",
             "Always 1; the version label says which rotator runs.",
@@ -159,7 +248,6 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result=result)
-        self.errors.labels(target=GLOBAL_TARGET, component="config")
 
     # --- per target -----------------------------------------------------------------------
 
@@ -169,84 +257,63 @@ class Metrics:
         Gauges whose zero would be a lie (timestamps, the key age) stay absent until a pass
         reports them; the counts (keys, foreign keys, blocked) start at 0.
         """
-        with self._lock:
-            if target in self._targets:
-                return
-            self._targets.add(target)
-        for result in ROTATION_RESULTS:
-            self.rotations.labels(target=target, result=result)
-        for component in (*COMPONENTS, OTHER_COMPONENT):
-            self.errors.labels(target=target, component=component)
-        self.pass_duration.labels(target=target)
-        for status in KEY_STATUSES:
-            self.access_keys.labels(target=target, status=status)
-        self.foreign_keys.labels(target=target)
-        self.blocked.labels(target=target)
+        with self._targets.lock:
+            self._targets.series.setdefault(target, _Series())
 
     def forget_target(self, target: str) -> None:
         """Remove every series of ``target`` (a config reload dropped it)."""
-        with self._lock:
-            self._targets.discard(target)
-        for result in ROTATION_RESULTS:
-            self.rotations.remove(target, result)
-        for component in (*COMPONENTS, OTHER_COMPONENT):
-            self.errors.remove(target, component)
-        for status in KEY_STATUSES:
-            self.access_keys.remove(target, status)
-        for gauge in (
-            self.last_rotation,
-            self.last_pass_success,
-            self.key_age,
-            self.next_rotation,
-            self.foreign_keys,
-            self.blocked,
-        ):
-            gauge.remove(target)
-        self.pass_duration.remove(target)
+        with self._targets.lock:
+            self._targets.series.pop(target, None)
 
     def record_pass(self, report: model.PassReport, now: datetime) -> None:
         """Update the target's metrics from what one pass did and saw.
 
         A dry run changes nothing in IAM or Vault, so only its errors and duration are recorded.
         """
-        target = report.target
-        self.init_target(target)
         if report.skipped is not None:
+            self.init_target(report.target)
             return  # another replica worked on it: its metrics are that replica's to report
-        for component in report.error_components:
-            self.record_error(target, component)
-        self.pass_duration.labels(target=target).observe(max(report.duration_seconds, 0.0))
-        if report.dry_run:
-            return
-
-        if report.rotated:
-            self.rotations.labels(target=target, result="success").inc()
-        if report.rotation_failed:
-            self.rotations.labels(target=target, result="failure").inc()
-        if report.last_rotation_at is not None:
-            self.last_rotation.labels(target=target).set(report.last_rotation_at.timestamp())
-        if report.ok:
-            self.last_pass_success.labels(target=target).set(now.timestamp())
-        # A missing value (the pass ended before it could observe) keeps the previous one: dropping
-        # the key age exactly when passes fail would hide the "key too old" alert.
-        if report.key_created is not None:
-            age = (model.utc(now) - model.utc(report.key_created)).total_seconds()
-            self.key_age.labels(target=target).set(max(age, 0.0))
-        if report.next_due is not None:
-            self.next_rotation.labels(target=target).set(report.next_due.timestamp())
-        if report.keys_observed:  # else the pass failed before it could count them
-            self.access_keys.labels(target=target, status="active").set(report.keys_active)
-            self.access_keys.labels(target=target, status="inactive").set(report.keys_inactive)
-            self.foreign_keys.labels(target=target).set(report.foreign_keys)
-            self.blocked.labels(target=target).set(1 if report.blocked else 0)
+        duration = max(report.duration_seconds, 0.0)
+        with self._targets.lock:
+            series = self._targets.series.setdefault(report.target, _Series())
+            for component in report.error_components:
+                series.errors[_component_index(component)] += 1
+            series.buckets[bisect.bisect_left(PASS_DURATION_BUCKETS, duration)] += 1
+            series.duration_sum += duration
+            if report.dry_run:
+                return
+            if report.rotated:
+                series.rotations[ROTATION_RESULTS.index("success")] += 1
+            if report.rotation_failed:
+                series.rotations[ROTATION_RESULTS.index("failure")] += 1
+            if report.last_rotation_at is not None:
+                series.last_rotation = report.last_rotation_at.timestamp()
+            if report.ok:
+                series.last_pass_success = now.timestamp()
+            # A missing value (the pass ended before it could observe) keeps the previous one:
+            # dropping the key age exactly when passes fail would hide the "key too old" alert.
+            if report.key_created is not None:
+                age = (model.utc(now) - model.utc(report.key_created)).total_seconds()
+                series.key_age = max(age, 0.0)
+            if report.next_due is not None:
+                series.next_rotation = report.next_due.timestamp()
+            if report.keys_observed:  # else the pass failed before it could count them
+                series.keys = [float(report.keys_active), float(report.keys_inactive)]
+                series.foreign = float(report.foreign_keys)
+                series.blocked = 1.0 if report.blocked else 0.0
 
     # --- global ---------------------------------------------------------------------------
 
     def record_error(self, target: str, component: str) -> None:
         """Count one error; ``target`` is ``""`` for errors of no target (a config reload)."""
-        if component not in COMPONENTS:
-            component = OTHER_COMPONENT
-        self.errors.labels(target=target, component=component).inc()
+        with self._targets.lock:
+            if target == GLOBAL_TARGET:
+                name = _ERROR_COMPONENTS[_component_index(component)]
+                errors = self._targets.global_errors
+                errors[name] = errors.get(name, 0.0) + 1
+            else:
+                series = self._targets.series.setdefault(target, _Series())
+                series.errors[_component_index(component)] += 1
 
     def record_reload(self, ok: bool) -> None:
         """Count one configuration reload (the caller counts a failure's ``config`` error)."""
@@ -278,6 +345,13 @@ class Metrics:
 
 
 # --- HTTP ----------------------------------------------------------------------------------
+
+
+def _component_index(component: str) -> int:
+    """The error component's slot; anything unknown is ``other`` (the label stays bounded)."""
+    if component in COMPONENTS:
+        return COMPONENTS.index(component)
+    return len(COMPONENTS)
 
 
 def _probe(check: Probe) -> tuple[bool, str]:
