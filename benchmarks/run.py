@@ -289,7 +289,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cli-reps", type=int, default=3, help="`rotator --version` runs")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--footprint-seconds", type=float, default=60.0)
-    parser.add_argument("--footprint-interval", default="2s", help="check_interval of the daemon")
+    parser.add_argument(
+        "--footprint-interval",
+        default="5m",
+        help="check_interval of the daemon (default 5m, rotator's default: the idle cost as run)",
+    )
     parser.add_argument("--no-footprint", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
@@ -298,6 +302,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.sizes = "3,10" if args.sizes == "10,100,1000" else args.sizes
         args.reps = args.reps_large = 1
         args.footprint_seconds = min(args.footprint_seconds, 10.0)
+        args.footprint_interval = "2s"
         args.ceiling_calls = 200
         args.peer_max = min(args.peer_max, 20)
         args.cli_reps = 1
