@@ -131,6 +131,7 @@ def bench_size(
     )
     settings = config.load(str(cfg_path))
     runtime = daemon.build_runtime(settings, daemon.SystemClock())
+    daemon.freeze_long_lived()  # as `rotator run` does once its runtime is built
     names = list(runtime.specs)
     users = [fleet.user_of(name) for name in names]
 

@@ -169,9 +169,16 @@ def _mask_known(text: str) -> str:
 def redact(text: str) -> str:
     """``text`` with every known secret value and every secret-looking substring masked."""
     text = _mask_known(text)
+    if len(text) < _PATTERN_MIN_CHARS and not any(c in text for c in "=:<"):
+        return text  # too short for a bare token or key, and no name=value, name: value, <Tag>
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+# The shortest text a pattern without "=", ":" or "<" can match: a legacy Vault token
+# ("s." and 20 characters); the bare secret key pattern needs 40.
+_PATTERN_MIN_CHARS: Final = 22
 
 
 _MAX_DEPTH: Final = 16

@@ -29,59 +29,51 @@ class Secret:
     contains in time proportional to the text's length, however many values are remembered.
     """
 
-    @dataclass(frozen=True, slots=True)
-    class _Index:
-        """A snapshot of the remembered values, never changed once built."""
-
-        values: tuple[str, ...]  # insertion order, oldest first
-        by_prefix: dict[str, tuple[str, ...]]  # first _PREFIX characters -> the values so starting
-        shortest: int  # length of the shortest value (0 when there is none)
-
     __slots__ = ("_value",)
     _PREFIX: ClassVar[int] = 8  # shorter values are not remembered (too likely in plain text)
     _KNOWN_MAX: ClassVar[int] = 4096
     _known: ClassVar[dict[str, None]] = {}  # insertion-ordered set
     _known_lock: ClassVar[threading.Lock] = threading.Lock()
-    # _known with its prefix index: rebuilt under the lock by the first reader after an insert,
-    # then shared by every reader (a reference, never a copy).
-    _index: ClassVar[Secret._Index | None] = None
+    # first _PREFIX characters -> the remembered values so starting. Kept up to date on every
+    # insert and eviction under the lock (a few operations, whatever the registry's size);
+    # readers look values up without the lock (a dict look-up is atomic in CPython).
+    _by_prefix: ClassVar[dict[str, tuple[str, ...]]] = {}
+    _shortest: ClassVar[int] = 0  # at most the shortest remembered length (0: none yet)
 
     def __init__(self, value: str) -> None:
         self._value = value
         if len(value) >= Secret._PREFIX:
             with Secret._known_lock:
                 if value not in Secret._known:
-                    Secret._known[value] = None
-                    while len(Secret._known) > Secret._KNOWN_MAX:
-                        del Secret._known[next(iter(Secret._known))]
-                    Secret._index = None
+                    Secret._remember(value)
+
+    @staticmethod
+    def _remember(value: str) -> None:
+        known, by_prefix = Secret._known, Secret._by_prefix
+        known[value] = None
+        prefix = value[: Secret._PREFIX]
+        by_prefix[prefix] = (*by_prefix.get(prefix, ()), value)
+        if Secret._shortest == 0 or len(value) < Secret._shortest:
+            Secret._shortest = len(value)
+        while len(known) > Secret._KNOWN_MAX:
+            oldest = next(iter(known))
+            del known[oldest]
+            prefix = oldest[: Secret._PREFIX]
+            rest = tuple(v for v in by_prefix.get(prefix, ()) if v != oldest)
+            if rest:
+                by_prefix[prefix] = rest
+            else:
+                del by_prefix[prefix]
 
     def reveal(self) -> str:
         """The secret itself: call only where it is handed to a client library or Vault."""
         return self._value
 
     @classmethod
-    def _snapshot(cls) -> Secret._Index:
-        index = Secret._index
-        if index is not None:
-            return index
-        with Secret._known_lock:
-            if Secret._index is None:
-                values = tuple(Secret._known)
-                groups: dict[str, list[str]] = {}
-                for value in values:
-                    groups.setdefault(value[: Secret._PREFIX], []).append(value)
-                Secret._index = Secret._Index(
-                    values=values,
-                    by_prefix={prefix: tuple(group) for prefix, group in groups.items()},
-                    shortest=min(map(len, values), default=0),
-                )
-            return Secret._index
-
-    @classmethod
     def known_values(cls) -> tuple[str, ...]:
-        """Every remembered value, oldest first (one shared immutable tuple, not a copy)."""
-        return cls._snapshot().values
+        """Every remembered value, oldest first."""
+        with Secret._known_lock:
+            return tuple(Secret._known)
 
     @classmethod
     def find_in(cls, text: str) -> tuple[str, ...]:
@@ -91,13 +83,13 @@ class Secret:
         look-up per position of ``text`` (its next ``_PREFIX`` characters), then a comparison
         with the few values sharing that prefix: the registry's size does not matter.
         """
-        index = cls._snapshot()
-        if not index.values or len(text) < index.shortest:
+        shortest = Secret._shortest
+        if shortest == 0 or len(text) < shortest:
             return ()
-        starting_with = index.by_prefix.get
+        starting_with = Secret._by_prefix.get
         width = Secret._PREFIX
         found: dict[str, None] = {}
-        for i in range(len(text) - index.shortest + 1):
+        for i in range(len(text) - shortest + 1):
             candidates = starting_with(text[i : i + width])
             if candidates is not None:
                 for value in candidates:

@@ -387,7 +387,8 @@ def test_redact_keeps_what_operators_need(text: str) -> None:
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty registry of known values for one test (the real one is process-global)."""
     monkeypatch.setattr(model.Secret, "_known", {})
-    monkeypatch.setattr(model.Secret, "_index", None)
+    monkeypatch.setattr(model.Secret, "_by_prefix", {})
+    monkeypatch.setattr(model.Secret, "_shortest", 0)
 
 
 @pytest.mark.usefixtures("registry")
@@ -452,7 +453,7 @@ def test_values_beyond_the_bound_are_forgotten_oldest_first() -> None:
     assert known[0] == kept[1] and known[-1] == oldest
     assert model.Secret.find_in(f"{kept[0]} {kept[1]} {kept[-1]}") == (kept[1], kept[-1])
     assert log.redact(f"old {kept[0]}") == f"old {kept[0]}"
-    assert known is model.Secret.known_values()  # one shared snapshot, not a copy per call
+    assert sum(map(len, model.Secret._by_prefix.values())) == bound  # the index forgot too
 
 
 @pytest.mark.usefixtures("registry")
@@ -487,3 +488,10 @@ def test_find_in_agrees_with_a_search_for_every_known_value() -> None:
         assert [len(value) for value in found] == sorted(map(len, found), reverse=True)
         redacted = log.redact(text)
         assert not [value for value in values if value in redacted]
+
+
+def test_the_shortest_token_a_pattern_knows_is_masked_at_the_length_gate() -> None:
+    shortest = "s." + "A1b2C3d4E5f6G7h8I9j0"  # a legacy Vault token: 22 characters
+    assert len(shortest) == 22
+    assert log.redact(shortest) == log.MASK
+    assert log.redact(shortest[:-1]) == shortest[:-1]  # one shorter: no pattern can match
