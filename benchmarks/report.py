@@ -118,6 +118,9 @@ def render(data: dict[str, Any], plot_error: str | None = None) -> str:
     add("")
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     load = ", ".join(f"{x:.1f}" for x in m["load_average_at_start"])
+    args = data.get("args", {})
+    small, large = args.get("reps", 3), args.get("reps_large", 3)
+    reps = f"{small}" if small == large else f"{small} (N <= {args.get('large', 100)}) and {large}"
     add(f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; kernel {m['kernel']}")
     add(f"- Python {m['python']}; {versions}")
     add(f"- Date: {m['date']}; load average at start: {load}")
@@ -125,8 +128,7 @@ def render(data: dict[str, Any], plot_error: str | None = None) -> str:
     add(
         "- **Shared machine**: other test runs use the same 2 cores, and moto, OpenBao and the "
         "client all run on them; figures move by tens of percent from run to run. Idle passes "
-        "and (for N <= 100) forced rotations are the median of 3 rounds (range in brackets); "
-        "larger sizes run fewer rounds to keep the suite near 20 minutes."
+        f"are the median of 3 rounds, forced rotations of {reps} (range in brackets)."
     )
     add("")
     add("## Fleet passes (item 1) and the lower bound (item 2)")

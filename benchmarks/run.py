@@ -282,7 +282,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="sizes 3,10, one round, short runs")
     parser.add_argument("--workers", type=int, default=8, help="workers for rotator and the bound")
     parser.add_argument("--reps", type=int, default=3, help="forced-rotation rounds, N <= --large")
-    parser.add_argument("--reps-large", type=int, default=1, help="rounds for N > --large")
+    parser.add_argument("--reps-large", type=int, default=3, help="rounds for N > --large")
     parser.add_argument("--large", type=int, default=100, help="sizes above this are 'large'")
     parser.add_argument("--ceiling-calls", type=int, default=2000)
     parser.add_argument("--cli-max", type=int, default=100, help="largest N to time the CLI at")
