@@ -257,6 +257,8 @@ def test_a_key_refused_for_15s_is_published_after_it_verifies_with_at_most_three
     created = time.monotonic()
     wait_for(lambda: published_id(vault) == key_id, 60, "the key published", daemon.process)
     published_after = time.monotonic() - created
+    # the consumer reads Vault every 0.25 s: let it use what was published before stopping
+    wait_for(lambda: watcher.uses >= 1, 30, "the consumer to use the key", daemon.process)
     assert daemon.terminate() == 0
     watcher.finish()
 

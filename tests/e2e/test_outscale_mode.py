@@ -253,6 +253,8 @@ def test_outscale_a_slowly_propagating_key_is_published_without_a_lockout(
         wait_for(lambda: keys_of(iam_admin), 30, "the new key", process)
         [key_id] = keys_of(iam_admin)
         wait_for(lambda: published_id(vault) == key_id, 60, "the key published", process)
+        # the consumer reads Vault every 0.25 s: let it use what was published before stopping
+        wait_for(lambda: watcher.uses >= 1, 30, "the consumer to use the published key", process)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
