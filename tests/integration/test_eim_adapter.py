@@ -490,3 +490,60 @@ def test_an_html_answer_is_a_transient_error_naming_the_endpoint(
     with pytest.raises(errors.EimTransientError) as caught:
         recorded_identity(recorder).get_user("watcher_1")
     assert recorder.endpoint in str(caught.value)
+
+
+# --- one verification client per service, signing with each thread's key under test ------------
+
+
+def _signed_key_id(request: dict[str, str]) -> str:
+    return request["Authorization"].split("Credential=")[1].split("/")[0]
+
+
+def test_concurrent_verifications_each_sign_with_their_own_key(recorder: Recorder) -> None:
+    identity = recorded_identity(recorder)
+    identity.verify_key("AKIAWARMWARMWARM0000", model.Secret("w" * 40))  # builds the client
+    both_set = threading.Barrier(2, timeout=10)
+    # Both threads hold their key before either signs: a key shared between threads (the last
+    # one set) would sign both requests with the same id.
+    identity._probe("iam").meta.events.register("before-sign.iam", lambda **_: both_set.wait())
+    keys = {"AKIAFIRSTFIRSTFIRST0": "a" * 40, "AKIASECONDSECONDSEC0": "b" * 40}
+    results: dict[str, model.VerifyResult] = {}
+
+    def verify(key_id: str) -> None:
+        results[key_id] = identity.verify_key(key_id, model.Secret(keys[key_id]))
+
+    threads = [threading.Thread(target=verify, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=15)
+
+    assert all(r.outcome is model.VerifyOutcome.VALID for r in results.values())
+    assert sorted(_signed_key_id(r) for r in recorder.requests[1:]) == sorted(keys)
+
+
+def test_verification_signs_with_the_key_under_test_never_the_environment(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENTENV00")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "e" * 40)
+    identity = recorded_identity(recorder)
+
+    first = identity.verify_key("AKIANEWKEYNEWKEY0000", model.Secret("n" * 40))
+    second = identity.verify_key("AKIANEXTKEYNEXTKEY00", model.Secret("m" * 40))
+
+    assert first.outcome is second.outcome is model.VerifyOutcome.VALID
+    assert [_signed_key_id(r) for r in recorder.requests] == [
+        "AKIANEWKEYNEWKEY0000",
+        "AKIANEXTKEYNEXTKEY00",
+    ]
+    assert not identity._key_under_test.held()  # the secret is not kept once the call is over
+
+
+def test_the_verification_client_cannot_sign_outside_a_verification(recorder: Recorder) -> None:
+    identity = recorded_identity(recorder)
+    identity.verify_key("AKIANEWKEYNEWKEY0000", model.Secret("n" * 40))
+
+    with pytest.raises(RuntimeError, match="signs only inside"):
+        identity._probe("iam").get_user()
+    assert len(recorder.requests) == 1  # nothing was sent unsigned or with another key

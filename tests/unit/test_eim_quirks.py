@@ -507,18 +507,16 @@ def test_verify_raises_on_anything_else(
 def _stub_verification(
     identity: eim.EimIdentity, monkeypatch: pytest.MonkeyPatch, script: Any
 ) -> None:
-    session = identity._session
-    real_client = session.client
+    real_make_probe = identity._make_probe
 
-    def client(*args: Any, **kwargs: Any) -> Any:
-        assert kwargs["aws_access_key_id"] == "AKIAEXAMPLENEWKEY1"
-        made = real_client(*args, **kwargs)
+    def make_probe(service: str) -> Any:
+        made = real_make_probe(service)
         stubber = Stubber(made)
         script(stubber)
         stubber.activate()
         return made
 
-    monkeypatch.setattr(session, "client", client)
+    monkeypatch.setattr(identity, "_make_probe", make_probe)
 
 
 # --- translation of botocore's own exceptions ----------------------------------------------------
