@@ -69,6 +69,7 @@ class SizeResult:
     idle: list[Pass] = field(default_factory=list)
     forced: list[Pass] = field(default_factory=list)
     lower: list[Pass] = field(default_factory=list)
+    lower_shared: list[Pass] = field(default_factory=list)  # the bound with rotator's verifier
     idle_after_rotation: list[Pass] = field(default_factory=list)
     ceiling_calls_per_s: float = 0.0
     ceiling_calls: int = 0
@@ -145,6 +146,9 @@ def bench_size(
     say(f"N={n} idle pass {_median([p.seconds for p in result.idle]):.2f}s (median of 3)")
 
     lb = lowerbound.LowerBound(admin, srv.bao.address, srv.bao.root_token)
+    lb_shared = lowerbound.LowerBound(
+        admin, srv.bao.address, srv.bao.root_token, shared_verifier=True
+    )
     lb_targets = [
         lowerbound.LbTarget(
             user=fleet.user_of(name),
@@ -162,10 +166,17 @@ def bench_size(
             seconds, new_ids = lb.run(lb_targets, args.workers)
         result.lower.append(Pass(seconds, n, len(new_ids), dict(counts.iam), dict(counts.vault)))
         _delete_keys_except(admin, users, published, args.workers)
+        with instrument.measure() as counts:
+            shared_seconds, new_ids = lb_shared.run(lb_targets, args.workers)
+        result.lower_shared.append(
+            Pass(shared_seconds, n, len(new_ids), dict(counts.iam), dict(counts.vault))
+        )
+        _delete_keys_except(admin, users, published, args.workers)
         forced = rotator_pass(force=True)
         result.forced.append(forced)
         say(
-            f"N={n} round {rep + 1}/{reps}: lower bound {seconds:.1f}s, "
+            f"N={n} round {rep + 1}/{reps}: lower bound {seconds:.1f}s "
+            f"({shared_seconds:.1f}s with rotator's verifier), "
             f"rotator forced {forced.seconds:.1f}s ({forced.ok}/{n} ok)"
         )
         if rep < reps - 1:  # free the slot again: drop the key now retiring
