@@ -49,6 +49,17 @@ def _breakdown(p: dict[str, Any] | None) -> str:
     return f"IAM: {iam}; Vault: {vault}"
 
 
+def idle_window(foot: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The samples ending the first and the second sweep, as footprint.Run.idle_window picks
+    them; None when one sample ends both (a tiny fleet), so no span of idle time was seen."""
+    n = foot["targets"]
+    first = next((x for x in foot["samples"] if x["passes"] >= n), None)
+    second = next((x for x in foot["samples"] if x["passes"] >= 2 * n), None)
+    if first is None or second is None or second["t"] <= first["t"]:
+        return None
+    return first, second
+
+
 def plot(data: dict[str, Any], path: Path) -> str | None:
     """The scaling plot; returns why not if matplotlib is missing."""
     try:
@@ -298,8 +309,10 @@ def render(data: dict[str, Any], plot_error: str | None = None) -> str:
         samples = foot["samples"]
         last = samples[-1]
         n = foot["targets"]
-        first = next((x for x in samples if x["passes"] >= n), None)
-        second = next((x for x in samples if x["passes"] >= 2 * n), None)
+        window = idle_window(foot)
+        first, second = window if window is not None else (None, None)
+        if first is None:
+            first = next((x for x in samples if x["passes"] >= n), None)
         later = [x for x in samples if first is not None and x["t"] >= first["t"]]
         rss_after = [x["rss_mb"] for x in later]
         add(

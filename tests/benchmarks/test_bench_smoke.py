@@ -50,3 +50,18 @@ def test_bench_suite_writes_a_report_at_n3(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in report
     else:
         assert (out / "scaling.png").stat().st_size > 0
+
+
+def test_no_idle_window_when_one_sample_ends_both_sweeps() -> None:
+    from benchmarks import report
+
+    sample = {"t": 4.0, "passes": 6, "cpu_s": 1.0, "rss_mb": 80.0}
+    foot = {
+        "targets": 3,
+        "samples": [{"t": 2.0, "passes": 0, "cpu_s": 0.5, "rss_mb": 79.0}, sample],
+    }
+
+    assert report.idle_window(foot) is None  # the report says "not reached", never divides by 0
+    ends_first = {**sample, "t": 3.0, "passes": 3}
+    foot["samples"].insert(1, ends_first)
+    assert report.idle_window(foot) == (ends_first, sample)
