@@ -124,37 +124,86 @@ class LockHeld(Exception):
 
 
 class _Lease:
-    """A held lease, renewed every third of its TTL by a thread until stopped.
+    """A held lease; the engine's renewer renews it every third of its TTL until it is dropped.
 
     When a renewal fails, ``lost`` is set and the pass stops before its next mutating step;
     state writes are fenced by check-and-set anyway, so a stale holder cannot overwrite.
     """
 
-    def __init__(self, lock: ports.Lock, target: str, holder: str, ttl: float) -> None:
-        self._lock, self._target, self._holder, self._ttl = lock, target, holder, ttl
+    def __init__(self, target: str, ttl: float) -> None:
+        self.target, self.ttl = target, ttl
         self.lost = threading.Event()
         self.resumed = False  # nobody wrote the lock since this engine's last write to it
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{target}", daemon=True)
+        self.renew_at = time.monotonic() + ttl / 3
+        self.busy = threading.Lock()  # held while a renewal is in flight
+        self.dropped = False
 
-    def start(self) -> None:
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
+class _Renewer:
+    """One thread renewing every lease an engine holds, each every third of its TTL.
 
-    def _renew(self) -> None:
-        while not self._done.wait(self._ttl / 3):
-            try:
-                if self._lock.renew(self._target, self._holder, self._ttl):
+    A thread per lease cost every pass a thread start and a join, about 15 ms of wall time each
+    under a busy GIL. Leases come and go with the passes; the thread stays while there are any
+    (and a minute after, so that a replaced engine leaves no thread behind). Renewals are made
+    one after another: they all go to the same Vault, and a renewal slow enough to delay the
+    others past a third of the TTL means the leases are at risk anyway.
+    """
+
+    IDLE_EXIT_SECONDS = 60.0
+
+    def __init__(self, lock: ports.Lock, holder: str) -> None:
+        self._lock, self._holder = lock, holder
+        self._changed = threading.Condition()
+        self._leases: dict[int, _Lease] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: _Lease) -> None:
+        with self._changed:
+            self._leases[id(lease)] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def drop(self, lease: _Lease) -> None:
+        """No more renewals of ``lease``; waits for one in flight, so a release comes after it."""
+        with lease.busy:
+            lease.dropped = True
+        with self._changed:
+            self._leases.pop(id(lease), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if not self._leases:
+                    self._changed.wait(self.IDLE_EXIT_SECONDS)
+                    if not self._leases:
+                        self._thread = None
+                        return
+                now = time.monotonic()
+                due = [lease for lease in self._leases.values() if lease.renew_at <= now]
+                if not due:
+                    self._changed.wait(min(x.renew_at for x in self._leases.values()) - now)
                     continue
+            for lease in due:
+                self._renew(lease)
+
+    def _renew(self, lease: _Lease) -> None:
+        with lease.busy:
+            if lease.dropped:
+                return
+            try:
+                if self._lock.renew(lease.target, self._holder, lease.ttl):
+                    lease.renew_at = time.monotonic() + lease.ttl / 3
+                    return
                 reason = "taken over or expired"
             except errors.RotatorError as exc:
                 reason = str(exc)
-            log.warning("lock_lost", target=self._target, reason=reason)
-            self.lost.set()
-            return
+            lease.dropped = True
+        log.warning("lock_lost", target=lease.target, reason=reason)
+        lease.lost.set()
+        with self._changed:
+            self._leases.pop(id(lease), None)
 
 
 @dataclass
@@ -202,6 +251,7 @@ class Engine:
         # target -> when this engine last checked its identity (every target once at start)
         self._identity_checked: dict[str, datetime] = {}
         self._shared = _SharedReads(clock)
+        self._renewer = None if lock is None else _Renewer(lock, self._holder)
 
     # --- the pass ------------------------------------------------------------------------
 
@@ -352,13 +402,14 @@ class Engine:
                 raise LockHeld(lock.holder(spec.name) or "another replica")
             if self._clock.wait(min(0.5, self._lock_ttl / 10)):
                 raise Stopped
-        lease = _Lease(lock, spec.name, self._holder, self._lock_ttl)
+        lease = _Lease(spec.name, self._lock_ttl)
         lease.resumed = grant is model.Grant.RESUMED
-        lease.start()
+        assert self._renewer is not None
+        self._renewer.add(lease)
         try:
             yield lease
         finally:
-            lease.stop()
+            self._renewer.drop(lease)
             try:
                 lock.release(spec.name, self._holder)
             except errors.RotatorError as exc:  # it expires by itself within lock_ttl
