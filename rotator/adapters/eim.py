@@ -566,9 +566,14 @@ class EimIdentity:
     # --- access keys ---------------------------------------------------------------------
 
     def list_keys(self, user: str) -> list[model.AccessKey]:
+        # The call every pass makes: pages followed by hand, as botocore's paginator would
+        # (IsTruncated and Marker; an answer without them is the last page), without the
+        # paginator's own cost (about a tenth of the call's CPU).
         keys: list[model.AccessKey] = []
+        markers: set[str] = set()
         with self._calling("ListAccessKeys"):
-            for page in self._client.get_paginator("list_access_keys").paginate(UserName=user):
+            page = self._client.list_access_keys(UserName=user)
+            while True:
                 for meta in page.get("AccessKeyMetadata", []):
                     keys.append(
                         model.AccessKey(
@@ -577,7 +582,17 @@ class EimIdentity:
                             created=model.utc(meta["CreateDate"]),
                         )
                     )
-        return keys
+                marker = page.get("Marker")
+                if not page.get("IsTruncated") or not marker:
+                    return keys
+                if marker in markers:  # as botocore's paginator: never loop on a stuck server
+                    raise errors.EimError(
+                        f"ListAccessKeys for user {user} on {self.endpoint} returned the same "
+                        "page marker twice; the answer cannot be trusted, nothing was changed",
+                        action="iam:ListAccessKeys",
+                    )
+                markers.add(marker)
+                page = self._client.list_access_keys(UserName=user, Marker=marker)
 
     def create_key(self, user: str) -> model.NewKey:
         with self._calling("CreateAccessKey"):

@@ -196,6 +196,21 @@ def test_list_answers_with_a_marker_are_followed_to_the_last_page(
     ]
 
 
+def test_a_list_whose_marker_repeats_is_an_error_not_an_endless_loop(
+    identity: eim.EimIdentity, stub: Stubber
+) -> None:
+    stuck = {
+        "AccessKeyMetadata": [key_meta("AKIAEXAMPLEKEY0001", "Active")],
+        "IsTruncated": True,
+        "Marker": "m1",
+    }
+    stub.add_response("list_access_keys", stuck, {"UserName": "watcher_1"})
+    stub.add_response("list_access_keys", stuck, {"UserName": "watcher_1", "Marker": "m1"})
+
+    with pytest.raises(errors.EimError, match="same page marker twice"):
+        identity.list_keys("watcher_1")
+
+
 # --- policies ----------------------------------------------------------------------------------
 
 
