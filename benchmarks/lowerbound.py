@@ -178,6 +178,21 @@ class LowerBound:
             if self._thread_key is not None:
                 self._thread_key.local.key = None
 
+    def observe(self, target: LbTarget) -> int:
+        """What an idle pass cannot do without: list the keys, read the state and the secret."""
+        _, iam, vault = self._clients()
+        keys = iam.list_access_keys(UserName=target.user)["AccessKeyMetadata"]
+        self._read(vault, target.state_path)
+        self._read(vault, target.secret_path)
+        return len(keys)
+
+    def idle(self, targets: list[LbTarget], workers: int) -> tuple[float, float]:
+        """The idle floor: ``observe`` every target; (wall seconds, this process's CPU seconds)."""
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lb") as pool:
+            started, cpu = time.perf_counter(), time.process_time()
+            list(pool.map(self.observe, targets))
+            return time.perf_counter() - started, time.process_time() - cpu
+
     def run(self, targets: list[LbTarget], workers: int) -> tuple[float, list[str]]:
         """Rotate every target, ``workers`` at a time; (seconds, new key ids)."""
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lb") as pool:

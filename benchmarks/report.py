@@ -230,6 +230,28 @@ def render(data: dict[str, Any], plot_error: str | None = None) -> str:
                 f"| {n}{label} | {med:.2f} | {med / n * 1000:.1f} | {_calls(p, 'iam') / n:.2f} "
                 f"| {_reads(p) / n:.2f} | {(_calls(p, 'vault') - _reads(p)) / n:.2f} |"
             )
+    add("")
+    add(
+        "Client CPU of an idle pass (this process's CPU time over the pass, per target) beside "
+        "the *idle floor*: a script making only the idle pass's calls (ListAccessKeys, read "
+        "state, read secret) with the same workers and libraries. The last column is what the "
+        "floor alone would cost a daemon with 1000 targets at the default check_interval (5m): "
+        "200 target-passes a minute."
+    )
+    add("")
+    add("| N | rotator idle CPU ms/target | floor CPU ms/target | floor s | floor at 1000/5m |")
+    add("|---|---|---|---|---|")
+    for s in sizes:
+        floor = s.get("idle_floor") or []
+        rot_cpu = _med(s["idle"], "cpu_s") if s["idle"] and "cpu_s" in s["idle"][0] else None
+        floor_cpu = _med(floor, "cpu_s") if floor else None
+        n = s["n"]
+        share = None if floor_cpu is None else floor_cpu / n * 200 / 60 * 100
+        add(
+            f"| {n} | {_f(None if rot_cpu is None else rot_cpu / n * 1000)} "
+            f"| {_f(None if floor_cpu is None else floor_cpu / n * 1000)} | {_f(_med(floor))} "
+            f"| {'-' if share is None else f'{share:.2f} % of a core'} |"
+        )
     by_n = {s["n"]: s for s in sizes}
     if 100 in by_n and 1000 in by_n:
         t100, t1000 = _med(by_n[100]["idle"]), _med(by_n[1000]["idle"])

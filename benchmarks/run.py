@@ -47,6 +47,7 @@ class Pass:
     ok: int
     iam: dict[str, int]
     vault: dict[str, int]
+    cpu_s: float | None = None  # this process's CPU seconds over the pass (the client's)
 
     @property
     def iam_calls(self) -> int:
@@ -70,6 +71,7 @@ class SizeResult:
     forced: list[Pass] = field(default_factory=list)
     lower: list[Pass] = field(default_factory=list)
     lower_shared: list[Pass] = field(default_factory=list)  # the bound with rotator's verifier
+    idle_floor: list[Pass] = field(default_factory=list)  # only the idle pass's 3 calls a target
     idle_after_rotation: list[Pass] = field(default_factory=list)
     ceiling_calls_per_s: float = 0.0
     ceiling_calls: int = 0
@@ -86,11 +88,11 @@ def _median(values: list[float]) -> float:
 
 def timed_pass(run: Callable[[], list[Any]], targets: int) -> Pass:
     with instrument.measure() as counts:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         reports = run()
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     ok = sum(1 for r in reports if getattr(r, "ok", True))
-    return Pass(seconds, targets, ok, dict(counts.iam), dict(counts.vault))
+    return Pass(seconds, targets, ok, dict(counts.iam), dict(counts.vault), cpu)
 
 
 def _parallel(workers: int, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
@@ -186,6 +188,15 @@ def bench_size(
             _delete_keys_except(admin, users, published, args.workers)
     for _ in range(3):
         result.idle_after_rotation.append(rotator_pass())
+    for _ in range(3):
+        with instrument.measure() as counts:
+            seconds, cpu = lb.idle(lb_targets, args.workers)
+        result.idle_floor.append(Pass(seconds, n, n, dict(counts.iam), dict(counts.vault), cpu))
+    say(
+        f"N={n} idle floor {_median([p.seconds for p in result.idle_floor]):.2f}s, client CPU "
+        f"{_median([p.cpu_s or 0.0 for p in result.idle_floor]) / n * 1000:.2f} ms a target "
+        f"(rotator {_median([p.cpu_s or 0.0 for p in result.idle]) / n * 1000:.2f})"
+    )
 
     calls = max(200, min(args.ceiling_calls, 3 * n))
     result.ceiling_calls_per_s, _ = lowerbound.iam_ceiling(admin, users, args.workers, calls)
