@@ -199,6 +199,8 @@ class _Renewer:
                 reason = "taken over or expired"
             except errors.RotatorError as exc:
                 reason = str(exc)
+            except Exception as exc:  # a bug must not end the renewals of every other lease
+                reason = f"internal error: {type(exc).__name__}: {exc}"
             lease.dropped = True
         log.warning("lock_lost", target=lease.target, reason=reason)
         lease.lost.set()

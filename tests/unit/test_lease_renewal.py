@@ -63,7 +63,9 @@ def test_one_thread_renews_every_held_lease_until_it_is_dropped() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("answer", [False, errors.VaultUnavailable("Vault unreachable")])
+@pytest.mark.parametrize(
+    "answer", [False, errors.VaultUnavailable("Vault unreachable"), KeyError("a bug")]
+)
 def test_a_failed_renewal_marks_the_lease_lost_and_stops_renewing_it(
     answer: bool | Exception,
 ) -> None:
@@ -75,6 +77,12 @@ def test_a_failed_renewal_marks_the_lease_lost_and_stops_renewing_it(
     assert lease.lost.wait(DEADLINE)
     assert lease.dropped and lock.renewals == ["a"]
     renewer.drop(lease)  # what the pass does on its way out: fine after a loss
+    lock.answer = True
+    later = engine._Lease("b", TTL)
+    renewer.add(later)  # the thread lives on for the other leases
+    lock.wait_for(2)
+    assert lock.renewals[-1] == "b" and not later.lost.is_set()
+    renewer.drop(later)
 
 
 @pytest.mark.timeout(30)
