@@ -36,6 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.support import servers
 from tests.support.harness import write_config
+from tests.support.shared import CallGate
 
 WritePredicate = Callable[[str, dict[str, Any] | None], bool]
 """(path after /v1/, the ``data`` of the JSON body or None) -> whether a write matches."""
@@ -53,51 +54,19 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-class VaultHold:
+class VaultHold(CallGate):
     """The next ``count`` writes matching ``predicate`` wait in the proxy until :meth:`release`."""
 
     def __init__(self, predicate: WritePredicate, count: int) -> None:
+        super().__init__()
         self.predicate = predicate
         self.remaining = count
-        self._cond = threading.Condition()
-        self._arrived = 0
-        self._finished = 0
-        self._released = False
-        self._forward = True
         self.paths: list[str] = []
 
-    def wait_arrived(self, timeout: float) -> bool:
+    def _arrive_at(self, path: str) -> None:
         with self._cond:
-            return self._cond.wait_for(lambda: self._arrived >= 1, timeout)
-
-    def release(self, forward: bool = True) -> None:
-        with self._cond:
-            if not self._released:
-                self._released, self._forward = True, forward
-            self._cond.notify_all()
-
-    def wait_finished(self, timeout: float = 10.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self._released and self._arrived > 0 and self._finished == self._arrived,
-                timeout,
-            )
-
-    def _arrive(self, path: str) -> None:
-        with self._cond:
-            self._arrived += 1
             self.paths.append(path)
-            self._cond.notify_all()
-
-    def _wait(self) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: self._released)
-            return self._forward
-
-    def _finish(self) -> None:
-        with self._cond:
-            self._finished += 1
-            self._cond.notify_all()
+        self._arrive()
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -196,7 +165,7 @@ class VaultProxy:
                         hold.remaining -= 1
                         holds.append(hold)
             for hold in holds:
-                hold._arrive(path)
+                hold._arrive_at(path)
         try:
             for hold in holds:
                 if not hold._wait():

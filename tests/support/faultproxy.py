@@ -64,9 +64,10 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
-from types import TracebackType
 from typing import Any, NamedTuple
 from xml.sax.saxutils import escape
+
+from tests.support.shared import CallGate, StartStop
 
 MOTO_ACCOUNT = "123456789012"  # moto's default account id
 
@@ -353,66 +354,15 @@ class RandomFaults(Rule):
         return kind
 
 
-class Hold(Rule):
+class Hold(Rule, CallGate):
     """Matching calls wait in the proxy, before being forwarded, until :meth:`release`.
 
     Once released the hold lets its remaining matching calls through without waiting.
     """
 
     def __init__(self, proxy: FaultProxy, **filters: Any) -> None:
-        super().__init__(proxy, **filters)
-        self._cond = threading.Condition()
-        self._arrived = 0
-        self._finished = 0
-        self._released = False
-        self._forward = True
-
-    @property
-    def arrived(self) -> int:
-        """How many calls this hold has caught so far."""
-        with self._cond:
-            return self._arrived
-
-    @property
-    def released(self) -> bool:
-        with self._cond:
-            return self._released
-
-    def wait_arrived(self, timeout: float = 10.0, calls: int = 1) -> bool:
-        """Block until ``calls`` calls are in the proxy, held; False if the timeout passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._arrived >= calls, timeout)
-
-    def release(self, forward: bool = True) -> None:
-        """Let the held calls go on; ``forward=False`` fails them (connection closed, no answer)."""
-        with self._cond:
-            if not self._released:
-                self._released = True
-                self._forward = forward
-            self._cond.notify_all()
-
-    def wait_finished(self, timeout: float = 10.0) -> bool:
-        """After :meth:`release`, block until every caught call is done (answered or failed)."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self._released and self._arrived > 0 and self._finished == self._arrived,
-                timeout,
-            )
-
-    def _arrive(self) -> None:
-        with self._cond:
-            self._arrived += 1
-            self._cond.notify_all()
-
-    def _wait(self) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: self._released)
-            return self._forward
-
-    def _finish(self) -> None:
-        with self._cond:
-            self._finished += 1
-            self._cond.notify_all()
+        Rule.__init__(self, proxy, **filters)
+        CallGate.__init__(self)
 
 
 # --- OUTSCALE mode ---------------------------------------------------------------------------
@@ -519,7 +469,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
 
-class FaultProxy:
+class FaultProxy(StartStop):
     """A loopback HTTP proxy in front of ``upstream`` (a moto server's endpoint), with rules.
 
     ``clock`` (monotonic seconds) decides key ages and lock periods; tests may pass a fake one.
@@ -608,18 +558,6 @@ class FaultProxy:
         if thread is not None:
             thread.join(timeout)
         self._server, self._thread = None, None
-
-    def __enter__(self) -> FaultProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def wait_connections(self, count: int, timeout: float = 10.0) -> bool:
         """Block until ``count`` client connections are open on the proxy (accepted, served)."""

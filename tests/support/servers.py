@@ -18,11 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 import boto3
 from botocore.config import Config
+
+from tests.support.shared import StartStop
 
 DEV_ROOT_TOKEN = "root"  # the dev server's throwaway root token; it only lives in memory
 
@@ -95,14 +96,11 @@ class MotoAdmin:
         )
 
 
-class _ServerProcess:
+class _ServerProcess(StartStop):
     """A server process this object started: stopped by its PID, usable as a context manager."""
 
     _process: subprocess.Popen[bytes] | None
     _log: IO[bytes] | None
-
-    def start(self) -> None:
-        raise NotImplementedError
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the process this object started (by its PID) and wait for it."""
@@ -118,18 +116,6 @@ class _ServerProcess:
             with contextlib.suppress(OSError):
                 self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class MotoServer(_ServerProcess):
