@@ -17,6 +17,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,42 @@ def at_most_per_minute(times: list[float], limit: int) -> bool:
     return all(sum(1 for t in times if start <= t < start + 60) <= limit for start in times)
 
 
+@dataclass
+class Rig:
+    """What every test here works with: moto's admin, the fault proxy, Vault, the daemon's
+    environment and the processes started; configs go to ``tmp_path``, through the proxy."""
+
+    tmp_path: Path
+    admin: servers.MotoAdmin
+    proxy: FaultProxy
+    vault: Any
+    env: dict[str, str]
+    started: list[subprocess.Popen[bytes]]
+
+    def config(self, **kw: Any) -> Path:
+        """:func:`config` for this test, ``max_age`` 1h (every test here) unless given."""
+        kw.setdefault("max_age", "1h")
+        return config(self.tmp_path, self.admin, self.vault, self.proxy, **kw)
+
+    def cli(self, cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(cfg, self.env, *args)
+
+    def start(self, cfg: Path) -> Daemon:
+        return start_daemon(cfg, self.env, self.started, self.tmp_path / "daemon.log")
+
+
+@pytest.fixture
+def rig(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    iam_proxy: FaultProxy,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> Rig:
+    return Rig(tmp_path, iam_admin, iam_proxy, vault, daemon_env, started)
+
+
 @pytest.fixture
 def watcher(iam_admin: servers.MotoAdmin, vault: Any, iam_proxy: FaultProxy) -> Iterator[Watcher]:
     w = Watcher(iam_admin, vault, iam_proxy.endpoint, users=("watcher_1",))
@@ -109,75 +146,57 @@ STATUS = {"throttling": 400, "too_many_requests": 429, "unavailable": 503, "inte
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fault", list(STATUS))
-def test_transient_error_answers_are_retried_and_the_pass_succeeds(
-    fault: str,
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
-) -> None:
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
+def test_transient_error_answers_are_retried_and_the_pass_succeeds(fault: str, rig: Rig) -> None:
+    cfg = rig.config()
     # two faults on two calls of the pass: each retried within the call (max_attempts 4)
-    iam_proxy.inject(fault, action="ListAccessKeys", count=2)
-    iam_proxy.inject(fault, action="ListAttachedGroupPolicies", count=2)
-    once = run_cli(cfg, daemon_env, "run", "--once")
+    rig.proxy.inject(fault, action="ListAccessKeys", count=2)
+    rig.proxy.inject(fault, action="ListAttachedGroupPolicies", count=2)
+    once = rig.cli(cfg, "run", "--once")
     assert once.returncode == 0, once.stdout + once.stderr
     status = STATUS[fault]
-    assert statuses(iam_proxy, "ListAccessKeys")[:3] == [status, status, 404]  # no user yet
-    assert statuses(iam_proxy, "ListAttachedGroupPolicies")[:3] == [status, status, 404]  # no group
-    assert len(keys_of(iam_admin)) == 1
-    assert published_id(vault) in keys_of(iam_admin)
+    assert statuses(rig.proxy, "ListAccessKeys")[:3] == [status, status, 404]  # no user yet
+    assert statuses(rig.proxy, "ListAttachedGroupPolicies")[:3] == [status, status, 404]  # no group
+    assert len(keys_of(rig.admin)) == 1
+    assert published_id(rig.vault) in keys_of(rig.admin)
     assert "Traceback" not in once.stdout + once.stderr
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fault", list(STATUS))
 def test_a_transient_error_on_create_access_key_is_retried_by_the_next_pass_without_a_leak(
-    fault: str,
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
+    fault: str, rig: Rig
 ) -> None:
     """CreateAccessKey is not idempotent: one attempt a pass, the next pass is the retry."""
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
-    iam_proxy.inject(fault, action="CreateAccessKey", count=1)
-    failed = run_cli(cfg, daemon_env, "run", "--once")
+    cfg = rig.config()
+    rig.proxy.inject(fault, action="CreateAccessKey", count=1)
+    failed = rig.cli(cfg, "run", "--once")
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "retried on a later pass" in failed.stdout
-    assert keys_of(iam_admin) == {}
-    retried = run_cli(cfg, daemon_env, "run", "--once")
+    assert keys_of(rig.admin) == {}
+    retried = rig.cli(cfg, "run", "--once")
     assert retried.returncode == 0, retried.stdout + retried.stderr
-    assert statuses(iam_proxy, "CreateAccessKey") == [STATUS[fault], 200]
-    state = state_of(vault)
-    assert state is not None and set(keys_of(iam_admin)) == tracked(state)
-    assert published_id(vault) in keys_of(iam_admin)
+    assert statuses(rig.proxy, "CreateAccessKey") == [STATUS[fault], 200]
+    state = state_of(rig.vault)
+    assert state is not None and set(keys_of(rig.admin)) == tracked(state)
+    assert published_id(rig.vault) in keys_of(rig.admin)
 
 
 @pytest.mark.timeout(90)
-def test_a_dropped_answer_and_a_read_timeout_are_retried_and_the_pass_succeeds(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
-) -> None:
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h", read_timeout="1s")
-    iam_proxy.drop_response(action="ListAttachedGroupPolicies", count=1)  # idempotent: see below
-    stuck = iam_proxy.hold(action="ListPolicies", count=1)  # never answered: a read timeout
+def test_a_dropped_answer_and_a_read_timeout_are_retried_and_the_pass_succeeds(rig: Rig) -> None:
+    cfg = rig.config(read_timeout="1s")
+    rig.proxy.drop_response(action="ListAttachedGroupPolicies", count=1)  # idempotent: see below
+    stuck = rig.proxy.hold(action="ListPolicies", count=1)  # never answered: a read timeout
     started_at = time.monotonic()
-    once = run_cli(cfg, daemon_env, "run", "--once")
+    once = rig.cli(cfg, "run", "--once")
     took = time.monotonic() - started_at
     assert stuck.arrived == 1
     stuck.release(forward=False)
     assert stuck.wait_finished(10)
     assert once.returncode == 0, once.stdout + once.stderr
-    assert statuses(iam_proxy, "ListAttachedGroupPolicies")[:2] == [None, 404]  # dropped, retried
-    assert iam_proxy.count("ListPolicies", unanswered=True) == 1
-    assert iam_proxy.count("ListPolicies") >= 2  # the timed-out call was sent again
-    assert published_id(vault) in keys_of(iam_admin)
+    assert statuses(rig.proxy, "ListAttachedGroupPolicies")[:2] == [None, 404]  # dropped, retried
+    assert rig.proxy.count("ListPolicies", unanswered=True) == 1
+    assert rig.proxy.count("ListPolicies") >= 2  # the timed-out call was sent again
+    assert published_id(rig.vault) in keys_of(rig.admin)
     assert took < 30
 
 
@@ -186,17 +205,12 @@ def test_a_dropped_answer_and_a_read_timeout_are_retried_and_the_pass_succeeds(
 
 @pytest.mark.timeout(120)
 def test_access_denied_on_create_is_reported_once_per_pass_counted_and_not_hot_looped(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
+    rig: Rig,
 ) -> None:
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
+    cfg = rig.config()
     port = metrics_port(cfg)
-    denied = iam_proxy.inject("access_denied", action="CreateAccessKey")
-    daemon = start_daemon(cfg, daemon_env, started, tmp_path / "daemon.log")
+    denied = rig.proxy.inject("access_denied", action="CreateAccessKey")
+    daemon = rig.start(cfg)
     wait_for(lambda: denied.hits >= 1, 30, "the first denied CreateAccessKey", daemon.process)
     first_at, first_errors = (
         time.monotonic(),
@@ -207,7 +221,7 @@ def test_access_denied_on_create_is_reported_once_per_pass_counted_and_not_hot_l
     window = time.monotonic() - first_at
     passes = len(daemon.summaries()) - passes_before
     calls = denied.hits - 1
-    answered = statuses(iam_proxy, "CreateAccessKey")
+    answered = statuses(rig.proxy, "CreateAccessKey")
     errors_now = metric(port, "rotator_errors_total", component="eim", target="monitoring")
     failures = metric(port, "rotator_rotations_total", result="failure", target="monitoring")
 
@@ -222,10 +236,10 @@ def test_access_denied_on_create_is_reported_once_per_pass_counted_and_not_hot_l
     assert all("iam:CreateAccessKey" in e["error"] for e in failed)
     assert errors_now >= first_errors + passes - 1
     assert failures >= passes - 1 >= 1
-    assert keys_of(iam_admin) == {}
+    assert keys_of(rig.admin) == {}
 
     denied.remove()  # the permission is granted: the next pass issues the key
-    wait_for(lambda: published_id(vault) is not None, 20, "a key once allowed", daemon.process)
+    wait_for(lambda: published_id(rig.vault) is not None, 20, "a key once allowed", daemon.process)
     wait_for(
         lambda: metric(port, "rotator_rotations_total", result="success", target="monitoring") >= 1,
         10,
@@ -240,22 +254,16 @@ def test_access_denied_on_create_is_reported_once_per_pass_counted_and_not_hot_l
 
 @pytest.mark.timeout(120)
 def test_a_key_refused_for_15s_is_published_after_it_verifies_with_at_most_three_attempts_a_minute(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
-    watcher: Watcher,
+    rig: Rig, watcher: Watcher
 ) -> None:
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h", verify_timeout="50s")
-    young = iam_proxy.reject_young_keys(15)
-    daemon = start_daemon(cfg, daemon_env, started, tmp_path / "daemon.log")
+    cfg = rig.config(verify_timeout="50s")
+    young = rig.proxy.reject_young_keys(15)
+    daemon = rig.start(cfg)
     watcher.start()
-    wait_for(lambda: keys_of(iam_admin), 30, "the new key", daemon.process)
-    [key_id] = keys_of(iam_admin)
+    wait_for(lambda: keys_of(rig.admin), 30, "the new key", daemon.process)
+    [key_id] = keys_of(rig.admin)
     created = time.monotonic()
-    wait_for(lambda: published_id(vault) == key_id, 60, "the key published", daemon.process)
+    wait_for(lambda: published_id(rig.vault) == key_id, 60, "the key published", daemon.process)
     published_after = time.monotonic() - created
     # the consumer reads Vault every 0.25 s: let it use what was published before stopping
     wait_for(lambda: watcher.uses >= 1, 30, "the consumer to use the key", daemon.process)
@@ -264,7 +272,7 @@ def test_a_key_refused_for_15s_is_published_after_it_verifies_with_at_most_three
 
     # GetUser signed by the new key: refused while young, then AccessDenied (the key
     # authenticated; its user may not call GetUser), which the rotator counts as verified
-    tries = statuses(iam_proxy, "GetUser", key_id)
+    tries = statuses(rig.proxy, "GetUser", key_id)
     assert 2 <= len(tries) <= 3, tries  # the whole run is within a minute
     assert young.hits == len(tries) - 1, (young.hits, tries)
     outcomes = [
@@ -285,21 +293,15 @@ def test_a_key_refused_for_15s_is_published_after_it_verifies_with_at_most_three
 
 @pytest.mark.timeout(120)
 def test_a_key_that_never_verifies_is_deleted_counted_and_a_fresh_one_tried_after_backoff(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
-    watcher: Watcher,
+    rig: Rig, watcher: Watcher
 ) -> None:
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h", verify_timeout="20s")
+    cfg = rig.config(verify_timeout="20s")
     port = metrics_port(cfg)
-    iam_proxy.reject_young_keys(1000)
-    daemon = start_daemon(cfg, daemon_env, started, tmp_path / "daemon.log")
+    rig.proxy.reject_young_keys(1000)
+    daemon = rig.start(cfg)
     watcher.start()
-    wait_for(lambda: keys_of(iam_admin), 30, "the first key", daemon.process)
-    [first] = keys_of(iam_admin)
+    wait_for(lambda: keys_of(rig.admin), 30, "the first key", daemon.process)
+    [first] = keys_of(rig.admin)
     wait_for(
         lambda: len(watcher.history) >= 2 and first in watcher.deleted,
         60,
@@ -308,16 +310,16 @@ def test_a_key_that_never_verifies_is_deleted_counted_and_a_fresh_one_tried_afte
     )
     failures = metric(port, "rotator_rotations_total", result="failure", target="monitoring")
     verify_errors = metric(port, "rotator_errors_total", component="verify", target="monitoring")
-    state = state_of(vault)
+    state = state_of(rig.vault)
     assert daemon.terminate() == 0
     watcher.finish()
 
     fresh = [k for k in watcher.history if k != first]
     assert fresh, watcher.history
     assert failures >= 1 and verify_errors >= 1
-    assert published_id(vault) is None  # nothing unverified was ever published
+    assert published_id(rig.vault) is None  # nothing unverified was ever published
     assert watcher.key_ids == []
-    tries = statuses(iam_proxy, "GetUser", first)
+    tries = statuses(rig.proxy, "GetUser", first)
     assert 2 <= len(tries) <= 3 and set(tries) == {403}, tries  # all refused as young
     assert at_most_per_minute(verification_times(daemon, first), 3)
     assert watcher.history[first] == ["Active"]  # deleted, never published
@@ -336,29 +338,24 @@ def test_a_key_that_never_verifies_is_deleted_counted_and_a_fresh_one_tried_afte
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("phase", ["first-key", "rotation"])
 def test_an_answer_lost_after_create_access_key_leaves_no_leaked_key_after_the_next_pass(
-    phase: str,
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    iam_proxy: FaultProxy,
-    vault: Any,
-    daemon_env: dict[str, str],
+    phase: str, rig: Rig
 ) -> None:
-    cfg = config(tmp_path, iam_admin, vault, iam_proxy, max_age="1h")
+    cfg = rig.config()
     if phase == "rotation":
-        assert run_cli(cfg, daemon_env, "run", "--once").returncode == 0
-        before = published_id(vault)
+        assert rig.cli(cfg, "run", "--once").returncode == 0
+        before = published_id(rig.vault)
         assert before is not None
-    iam_proxy.drop_response(action="CreateAccessKey", count=1)
+    rig.proxy.drop_response(action="CreateAccessKey", count=1)
     if phase == "rotation":
-        lost = run_cli(cfg, daemon_env, "rotate", "monitoring")
+        lost = rig.cli(cfg, "rotate", "monitoring")
     else:
-        lost = run_cli(cfg, daemon_env, "run", "--once")
-    assert iam_proxy.count("CreateAccessKey", unanswered=True) == 1
-    nxt = run_cli(cfg, daemon_env, "run", "--once")  # the next pass
-    state = state_of(vault)
+        lost = rig.cli(cfg, "run", "--once")
+    assert rig.proxy.count("CreateAccessKey", unanswered=True) == 1
+    nxt = rig.cli(cfg, "run", "--once")  # the next pass
+    state = state_of(rig.vault)
     assert state is not None
-    keys = keys_of(iam_admin)
+    keys = keys_of(rig.admin)
     report = f"{lost.stdout}\n{nxt.stdout}\nkeys {keys}\nstate {state}"
     assert set(keys) == tracked(state), report
     assert not state.get("pending") and not state.get("intent"), report
-    assert published_id(vault) == state["current"]["key_id"], report
+    assert published_id(rig.vault) == state["current"]["key_id"], report
