@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint check clean deploy-check
+.PHONY: demo test test-fast lint check clean deploy-check
 
 $(BIN)/rotator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ demo: $(BIN)/rotator
 
 test: $(BIN)/rotator
 	$(BIN)/pytest
+
+# The edit-test loop: the pure core and the adapters against the real servers (no daemon
+# processes, no soak); `make test` is what CI runs.
+test-fast: $(BIN)/rotator
+	$(BIN)/pytest tests/unit tests/integration
 
 lint: $(BIN)/rotator
 	$(BIN)/ruff check rotator tests scripts benchmarks
