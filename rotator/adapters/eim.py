@@ -363,6 +363,7 @@ class EimIdentity:
             Config(retries={"mode": "standard", "total_max_attempts": 1})
         )
         self._credentials = credentials() if callable(credentials) else credentials
+        self._loader: Any = None
         self._session, self._client, self._once_client = self._build(self._credentials)
 
     def _build(
@@ -370,13 +371,14 @@ class EimIdentity:
     ) -> tuple[boto3.Session, IAMClient, IAMClient]:
         try:
             if credentials is None:
-                session = boto3.Session(region_name=self._region)
+                session = boto3.Session(region_name=self._region, botocore_session=self._core())
             else:
                 key_id, secret = credentials
                 session = boto3.Session(
                     aws_access_key_id=key_id,
                     aws_secret_access_key=secret.reveal(),
                     region_name=self._region,
+                    botocore_session=self._core(),
                 )
         except botocore.exceptions.BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile
             raise errors.ConfigError(
@@ -394,6 +396,16 @@ class EimIdentity:
         self._register_signing_name(client, "iam")
         self._register_signing_name(once, "iam")
         return session, client, once
+
+    def _core(self) -> botocore.session.Session:
+        """A botocore session sharing this adapter's data loader: the IAM service model (about
+        12 MB) is loaded once for every session, the verification clients' included."""
+        session = botocore.session.Session()
+        if self._loader is None:
+            self._loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", self._loader)
+        return session
 
     def _reload_credentials(self) -> None:
         if self._source is None or time.monotonic() - self._checked_at < 1.0:
@@ -629,7 +641,7 @@ class EimIdentity:
     def _make_probe(self, service: str) -> Any:
         """The verification client of ``service`` ("iam" or "sts"): its only credentials are the
         key under test, so it can never sign with the environment's or the rotator's own."""
-        session = botocore.session.Session()
+        session = self._core()
         session.register_component(
             "credential_provider",
             botocore.credentials.CredentialResolver([_OnlyKeyUnderTest(self._key_under_test)]),

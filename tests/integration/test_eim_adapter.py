@@ -547,3 +547,14 @@ def test_the_verification_client_cannot_sign_outside_a_verification(recorder: Re
     with pytest.raises(RuntimeError, match="signs only inside"):
         identity._probe("iam").get_user()
     assert len(recorder.requests) == 1  # nothing was sent unsigned or with another key
+
+
+def test_the_verification_client_shares_the_service_model_already_loaded(
+    recorder: Recorder,
+) -> None:
+    identity = recorded_identity(recorder)
+
+    probe = identity._probe("iam")
+
+    # one loader, so the IAM model (about 12 MB) is not loaded a second time for verification
+    assert probe._loader is identity._client._loader  # type: ignore[attr-defined]
