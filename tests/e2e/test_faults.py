@@ -9,7 +9,6 @@ the status of a failing target).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +29,11 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tests.e2e.test_daemon import scrape, wait_for, write_config
 from tests.support import servers
+from tests.support.crashkit import keys_of, run_cli, start_daemon
+from tests.support.harness import daemon_env, scrape, started, wait_for, write_config
+
+__all__ = ["daemon_env", "started"]  # fixtures used by name
 
 RW_POLICY = """
 path "{mount}/*" {{ capabilities = ["create", "read", "update", "list", "delete"] }}
@@ -46,50 +47,6 @@ path "sys/internal/ui/mounts/{mount}" {{ capabilities = ["read"] }}
 """
 
 
-@pytest.fixture
-def env() -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
-    clean["PYTHONUNBUFFERED"] = "1"
-    return clean
-
-
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def cli(cfg: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator", *args, "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cfg.parent,
-        timeout=90,
-        check=False,
-    )
-
-
-def start_daemon(
-    cfg: Path, env: dict[str, str], started: list[subprocess.Popen[bytes]], log: Path
-) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cfg.parent,
-        )
-    started.append(process)
-    return process
-
-
 def http_status(port: int, path: str) -> int | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as answer:
@@ -100,16 +57,43 @@ def http_status(port: int, path: str) -> int | None:
         return None
 
 
-def keys_of(admin: servers.MotoAdmin, user: str = "watcher_1") -> dict[str, str]:
-    try:
-        listed = admin.client().list_access_keys(UserName=user)["AccessKeyMetadata"]
-    except ClientError:
-        return {}
-    return {k["AccessKeyId"]: k["Status"] for k in listed}
-
-
 def set_info_level(cfg: Path) -> None:
     cfg.write_text(cfg.read_text().replace("level: debug", "level: info"))
+
+
+def quiet_config(
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, **kw: Any
+) -> tuple[Path, int]:
+    """A config with info logs on a free metrics port (``kw`` for write_config): path, port."""
+    port = servers.free_port()
+    cfg = write_config(tmp_path, iam_admin, vault, port, **kw)
+    set_info_level(cfg)
+    return cfg, port
+
+
+@dataclass
+class Launch:
+    """Starts ``rotator run`` on a config, its output appended to ``log``; what it starts goes to
+    ``started`` (killed at the end of the test if still running)."""
+
+    env: dict[str, str]
+    started: list[subprocess.Popen[bytes]]
+    log: Path
+
+    def __call__(self, cfg: Path) -> subprocess.Popen[bytes]:
+        return start_daemon(cfg, self.env, self.started, self.log).process
+
+
+@pytest.fixture
+def launch(
+    tmp_path: Path, daemon_env: dict[str, str], started: list[subprocess.Popen[bytes]]
+) -> Launch:
+    return Launch(daemon_env, started, tmp_path / "daemon.log")
+
+
+def last_success(port: int) -> float:
+    """When the daemon last finished a pass of the target without an error (0 if never)."""
+    return scrape(port).get('rotator_last_pass_success_timestamp_seconds{target="monitoring"}', 0.0)
 
 
 # --- kill -9 at every step of a rotation ---------------------------------------------------------
@@ -166,22 +150,16 @@ KILL_AT = (
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kill_9_at_every_rotation_step_keeps_the_published_key_working_and_leaks_no_key(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    vault: Any,
-    env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, launch: Launch
 ) -> None:
-    port = servers.free_port()
-    cfg = write_config(tmp_path, iam_admin, vault, port)
-    set_info_level(cfg)
+    cfg, port = quiet_config(tmp_path, iam_admin, vault)
     # a killed holder's lease must not make every restart wait the default 15s
     cfg.write_text(
         cfg.read_text().replace(
             "  state_path: rotator\n", "  state_path: rotator\n  lock_ttl: 3s\n"
         )
     )
-    log = tmp_path / "daemon.log"
+    log = launch.log
     checker = Checker(iam_admin, vault)
     thread = threading.Thread(target=checker.run, daemon=True)
     thread.start()
@@ -193,10 +171,10 @@ def test_kill_9_at_every_rotation_step_keeps_the_published_key_working_and_leaks
                     [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    env=env,
+                    env=launch.env,
                     cwd=tmp_path,
                 )
-                started.append(process)
+                launch.started.append(process)
                 assert process.stderr is not None
                 deadline = time.monotonic() + 30
                 with log.open("ab") as sink:
@@ -213,7 +191,7 @@ def test_kill_9_at_every_rotation_step_keeps_the_published_key_working_and_leaks
                 process.stderr.close()
                 assert checker.problems == [], (round_number, event, checker.problems)
         # settle: one daemon left alone for a full cycle, then stopped cleanly
-        process = start_daemon(cfg, env, started, log)
+        process = launch(cfg)
         wait_for(
             lambda: (
                 http_status(port, "/healthz") == 200
@@ -249,20 +227,15 @@ def test_kill_9_at_every_rotation_step_keeps_the_published_key_working_and_leaks
 
 @pytest.mark.timeout(180)
 def test_vault_dying_under_the_daemon_freezes_iam_fails_readiness_counts_errors_exits_0(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path, iam_admin: servers.MotoAdmin, launch: Launch
 ) -> None:
     bao = servers.OpenBaoServer(tmp_path / "bao")
     bao.start()
     try:
         # the dev server's own KV v2 mount, on a server this test may stop
         fixture = SimpleNamespace(address=bao.address, root_token=bao.root_token, mount="secret")
-        port = servers.free_port()
-        cfg = write_config(tmp_path, iam_admin, fixture, port)
-        set_info_level(cfg)
-        process = start_daemon(cfg, env, started, tmp_path / "daemon.log")
+        cfg, port = quiet_config(tmp_path, iam_admin, fixture)
+        process = launch(cfg)
         root = hvac.Client(url=bao.address, token=bao.root_token)
 
         def published() -> bool:
@@ -315,7 +288,11 @@ NEEDED = [
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("missing", ["iam:CreateAccessKey", "iam:ListAccessKeys", "iam:CreateUser"])
 def test_once_with_an_admin_lacking_a_permission_exits_1_naming_the_action_without_traceback(
-    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, env: dict[str, str], missing: str
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    missing: str,
 ) -> None:
     client = iam_admin.client()
     client.create_user(UserName="narrow")
@@ -336,7 +313,7 @@ def test_once_with_an_admin_lacking_a_permission_exits_1_naming_the_action_witho
         f"aws_access_key_id = {key['AccessKeyId']}\n"
         f"aws_secret_access_key = {key['SecretAccessKey']}\n"
     )
-    result = cli(cfg, env, "run", "--once")
+    result = run_cli(cfg, daemon_env, "run", "--once")
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert missing in result.stdout
@@ -350,14 +327,14 @@ def test_once_with_an_admin_lacking_a_permission_exits_1_naming_the_action_witho
 
 @pytest.mark.timeout(60)
 def test_run_with_the_metrics_port_taken_exits_2_with_one_line_naming_metrics_listen(
-    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, env: dict[str, str]
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
 ) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cfg = write_config(tmp_path, iam_admin, vault, busy.getsockname()[1])
         set_info_level(cfg)
-        result = cli(cfg, env, "run")
+        result = run_cli(cfg, daemon_env, "run")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "metrics.listen" in lines[0], lines
@@ -374,11 +351,11 @@ def _token(vault: Any, name: str, hcl: str) -> str:
 
 @pytest.mark.timeout(90)
 def test_read_only_vault_token_makes_no_iam_change_on_a_new_target(
-    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, env: dict[str, str]
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
 ) -> None:
     cfg = write_config(tmp_path, iam_admin, vault, servers.free_port())
     (tmp_path / "vault-token").write_text(_token(vault, f"ro-{vault.mount}", RO_POLICY) + "\n")
-    result = cli(cfg, env, "run", "--once")
+    result = run_cli(cfg, daemon_env, "run", "--once")
     assert result.returncode == 1
     assert f"denied `create` on `{vault.mount}/data/rotator/" in result.stdout, result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -390,18 +367,18 @@ def test_read_only_vault_token_makes_no_iam_change_on_a_new_target(
 
 @pytest.mark.timeout(90)
 def test_read_only_vault_token_does_not_deactivate_a_retiring_key(
-    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, env: dict[str, str]
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
 ) -> None:
     cfg = write_config(tmp_path, iam_admin, vault, servers.free_port(), max_age="1h")
-    assert cli(cfg, env, "run", "--once").returncode == 0
-    assert cli(cfg, env, "rotate", "monitoring").returncode == 0
+    assert run_cli(cfg, daemon_env, "run", "--once").returncode == 0
+    assert run_cli(cfg, daemon_env, "rotate", "monitoring").returncode == 0
     state = vault.read_raw("rotator/targets/monitoring")
     assert state is not None
     [retiring] = state["retiring"]
     retire_at = datetime_seconds(retiring["retire_at"])
     wait_for(lambda: time.time() > retire_at + 0.5, 10, "the grace period to end")
     (tmp_path / "vault-token").write_text(_token(vault, f"ro-{vault.mount}", RO_POLICY) + "\n")
-    result = cli(cfg, env, "run", "--once")
+    result = run_cli(cfg, daemon_env, "run", "--once")
     assert result.returncode == 1
     assert f"on `{vault.mount}/data/rotator/" in result.stdout, result.stdout
     assert keys_of(iam_admin)[retiring["key_id"]] == "Active"
@@ -416,21 +393,15 @@ def datetime_seconds(text: str) -> float:
 
 @pytest.mark.timeout(120)
 def test_daemon_picks_up_a_rotated_vault_token_file_without_a_restart(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    vault: Any,
-    env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, launch: Launch
 ) -> None:
-    port = servers.free_port()
-    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
-    set_info_level(cfg)
+    cfg, port = quiet_config(tmp_path, iam_admin, vault, max_age="1h")
     first = _token(vault, f"rw-{vault.mount}", RW_POLICY)
     second = vault.client().auth.token.create(policies=[f"rw-{vault.mount}"])["auth"][
         "client_token"
     ]
     (tmp_path / "vault-token").write_text(first + "\n")
-    process = start_daemon(cfg, env, started, tmp_path / "daemon.log")
+    process = launch(cfg)
     wait_for(lambda: http_status(port, "/readyz") == 200, 60, "ready", process)
     replacement = tmp_path / "vault-token.new"
     replacement.write_text(second + "\n")
@@ -438,13 +409,7 @@ def test_daemon_picks_up_a_rotated_vault_token_file_without_a_restart(
     vault.client().auth.token.revoke(first)
     changed = time.time()
     wait_for(
-        lambda: (
-            scrape(port).get(
-                'rotator_last_pass_success_timestamp_seconds{target="monitoring"}', 0.0
-            )
-            > changed + 1
-            and http_status(port, "/readyz") == 200
-        ),
+        lambda: last_success(port) > changed + 1 and http_status(port, "/readyz") == 200,
         40,
         "a successful pass with the new token",
         process,
@@ -456,16 +421,10 @@ def test_daemon_picks_up_a_rotated_vault_token_file_without_a_restart(
 
 @pytest.mark.timeout(120)
 def test_daemon_picks_up_a_rotated_eim_credentials_file_without_a_restart(
-    tmp_path: Path,
-    iam_admin: servers.MotoAdmin,
-    vault: Any,
-    env: dict[str, str],
-    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, launch: Launch
 ) -> None:
-    port = servers.free_port()
-    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
-    set_info_level(cfg)
-    process = start_daemon(cfg, env, started, tmp_path / "daemon.log")
+    cfg, port = quiet_config(tmp_path, iam_admin, vault, max_age="1h")
+    process = launch(cfg)
     wait_for(lambda: vault.read_raw("monitoring/watcher_1") is not None, 60, "a key", process)
     client = iam_admin.client()
     new = client.create_access_key(UserName=iam_admin.user)["AccessKey"]
@@ -480,12 +439,7 @@ def test_daemon_picks_up_a_rotated_eim_credentials_file_without_a_restart(
     )
     changed = time.time()
     wait_for(
-        lambda: (
-            scrape(port).get(
-                'rotator_last_pass_success_timestamp_seconds{target="monitoring"}', 0.0
-            )
-            > changed + 1
-        ),
+        lambda: last_success(port) > changed + 1,
         40,
         "a successful pass with the new admin key",
         process,
@@ -494,15 +448,15 @@ def test_daemon_picks_up_a_rotated_eim_credentials_file_without_a_restart(
 
 @pytest.mark.timeout(90)
 def test_status_exits_1_and_shows_the_problem_of_a_target_whose_user_does_not_exist(
-    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, env: dict[str, str]
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
 ) -> None:
     cfg = write_config(tmp_path, iam_admin, vault, servers.free_port(), max_age="1h")
     text = cfg.read_text()
     start = text.index("    group: monitoring")
     end = text.index("    secret_path:")
     cfg.write_text(text[:start] + text[end:])  # no group: the user is managed elsewhere
-    once = cli(cfg, env, "run", "--once")
+    once = run_cli(cfg, daemon_env, "run", "--once")
     assert once.returncode == 1 and "watcher_1 does not exist" in once.stdout, once.stdout
-    status = cli(cfg, env, "status")
+    status = run_cli(cfg, daemon_env, "status")
     assert status.returncode == 1, status.stdout
     assert "does not exist" in status.stdout, status.stdout
