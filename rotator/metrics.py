@@ -108,66 +108,163 @@ class _Series:
 
 class _TargetCollector(Collector):
     """Exposes every target's ``_Series`` at scrape time (prometheus_client's custom collector
-    pattern, for label sets as many as the fleet)."""
+    pattern, for label sets as many as the fleet).
+
+    /metrics does not go through :meth:`collect`: :meth:`exposition` keeps each target's sample
+    lines as prometheus_client's own encoder wrote them, per format, and writes them again only
+    after that target changed. A scrape of 1000 targets then costs a join instead of encoding
+    34 000 samples (0.5 s of CPU in the text format, 0.8 s in OpenMetrics, which Prometheus asks
+    for first).
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.series: dict[str, _Series] = {}
         self.global_errors: dict[str, float] = {"config": 0.0}  # target "": no target
+        # format (the content type) -> target -> that target's sample lines, one string per
+        # family; a target's entries are dropped (by ``changed``) whenever its series change.
+        # The formats are bounded: an Accept header may name any version.
+        self._lines: dict[str, dict[str, list[str]]] = {}
+        self._version: dict[str, int] = {}  # target -> changes so far
+        self._hidden = threading.local()
+
+    def changed(self, target: str) -> None:
+        """Called under ``lock`` after ``target``'s series changed (or it was removed)."""
+        self._version[target] = self._version.get(target, 0) + 1
+        for cache in self._lines.values():
+            cache.pop(target, None)
 
     def collect(self) -> Iterator[Metric]:
+        if getattr(self._hidden, "on", False):
+            return  # exposition() writes these families itself
         with self.lock:
             items = [(target, _copy(series)) for target, series in self.series.items()]
             global_errors = dict(self.global_errors)
-        rotations = CounterMetricFamily(
-            "rotator_rotations",
-            "Rotations attempted, by result (the first key issued for a target counts).",
-            labels=["target", "result"],
-        )
-        errors = CounterMetricFamily(
-            "rotator_errors",
-            "Errors by component (eim, vault, verify, lock, config, other).",
-            labels=["target", "component"],
-        )
-        durations = HistogramMetricFamily(
-            "rotator_pass_duration_seconds",
-            "Duration of one pass over one target.",
-            labels=["target"],
-        )
-        gauges = {
-            name: GaugeMetricFamily(name, doc, labels=labels) for name, doc, labels in _GAUGES
-        }
-        for component, value in global_errors.items():
-            errors.add_metric([GLOBAL_TARGET, component], value)
-        for target, series in items:
-            for result, value in zip(ROTATION_RESULTS, series.rotations, strict=True):
-                rotations.add_metric([target, result], value)
-            for component, value in zip(_ERROR_COMPONENTS, series.errors, strict=True):
-                errors.add_metric([target, component], value)
-            cumulative, running = [], 0.0
-            for label, count in zip(_BUCKET_LABELS, series.buckets, strict=True):
-                running += count
-                cumulative.append((label, running))
-            durations.add_metric([target], cumulative, sum_value=series.duration_sum)
-            for status, value in zip(KEY_STATUSES, series.keys, strict=True):
-                gauges["rotator_access_keys"].add_metric([target, status], value)
-            gauges["rotator_foreign_keys"].add_metric([target], series.foreign)
-            gauges["rotator_blocked"].add_metric([target], series.blocked)
-            for name, maybe in (
-                ("rotator_last_rotation_timestamp_seconds", series.last_rotation),
-                ("rotator_last_pass_success_timestamp_seconds", series.last_pass_success),
-                ("rotator_key_age_seconds", series.key_age),
-                ("rotator_next_rotation_timestamp_seconds", series.next_rotation),
-            ):
-                if maybe is not None:
-                    gauges[name].add_metric([target], maybe)
-        yield rotations
-        yield from gauges.values()
-        yield errors
-        yield durations
+        yield from _families(items, global_errors)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no duplicate-name check against the registry's other metrics needed
+
+    @contextlib.contextmanager
+    def hidden(self) -> Iterator[None]:
+        """While the registry's other collectors are encoded in this thread, yield nothing."""
+        self._hidden.on = True
+        try:
+            yield
+        finally:
+            self._hidden.on = False
+
+    def exposition(self, encoder: Encoder, content_type: str) -> list[str]:
+        """Every family of this collector in ``encoder``'s format, each with its header;
+        ``content_type`` names the format (prometheus_client makes a new encoder per call)."""
+        with self.lock:
+            global_errors = dict(self.global_errors)
+            cache = self._lines.get(content_type)
+            if cache is None:
+                while len(self._lines) >= _FORMATS_KEPT:
+                    del self._lines[next(iter(self._lines))]
+                cache = self._lines[content_type] = {}
+            # each target's lines as they are now, or a copy of its series to write them from
+            have = {target: cache.get(target) for target in self.series}
+            stale = [
+                (t, _copy(self.series[t]), self._version.get(t, 0))
+                for t, v in have.items()
+                if v is None
+            ]
+        for target, series, version in stale:
+            have[target] = lines = _blocks(encoder, _families([(target, series)], {}))
+            with self.lock:
+                if target in self.series and self._version.get(target, 0) == version:
+                    cache[target] = lines  # unchanged since the copy: good until it changes
+        globals_lines = _blocks(encoder, _families([], global_errors))
+        out: list[str] = []
+        headers = [header for header, _ in _split(encoder, _families([], {}))]
+        for index, header in enumerate(headers):
+            out.append(header)
+            out.append(globals_lines[index])
+            out.extend(lines[index] for lines in have.values() if lines is not None)
+        return out
+
+
+Encoder: TypeAlias = Callable[[Collector], bytes]
+
+
+def _families(items: list[tuple[str, _Series]], global_errors: dict[str, float]) -> list[Metric]:
+    """The collector's families, always the same ones in the same order, for ``items``."""
+    rotations = CounterMetricFamily(
+        "rotator_rotations",
+        "Rotations attempted, by result (the first key issued for a target counts).",
+        labels=["target", "result"],
+    )
+    errors = CounterMetricFamily(
+        "rotator_errors",
+        "Errors by component (eim, vault, verify, lock, config, other).",
+        labels=["target", "component"],
+    )
+    durations = HistogramMetricFamily(
+        "rotator_pass_duration_seconds",
+        "Duration of one pass over one target.",
+        labels=["target"],
+    )
+    gauges = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc, labels in _GAUGES}
+    for component, value in global_errors.items():
+        errors.add_metric([GLOBAL_TARGET, component], value)
+    for target, series in items:
+        for result, value in zip(ROTATION_RESULTS, series.rotations, strict=True):
+            rotations.add_metric([target, result], value)
+        for component, value in zip(_ERROR_COMPONENTS, series.errors, strict=True):
+            errors.add_metric([target, component], value)
+        cumulative, running = [], 0.0
+        for label, count in zip(_BUCKET_LABELS, series.buckets, strict=True):
+            running += count
+            cumulative.append((label, running))
+        durations.add_metric([target], cumulative, sum_value=series.duration_sum)
+        for status, value in zip(KEY_STATUSES, series.keys, strict=True):
+            gauges["rotator_access_keys"].add_metric([target, status], value)
+        gauges["rotator_foreign_keys"].add_metric([target], series.foreign)
+        gauges["rotator_blocked"].add_metric([target], series.blocked)
+        for name, maybe in (
+            ("rotator_last_rotation_timestamp_seconds", series.last_rotation),
+            ("rotator_last_pass_success_timestamp_seconds", series.last_pass_success),
+            ("rotator_key_age_seconds", series.key_age),
+            ("rotator_next_rotation_timestamp_seconds", series.next_rotation),
+        ):
+            if maybe is not None:
+                gauges[name].add_metric([target], maybe)
+    return [rotations, *gauges.values(), errors, durations]
+
+
+class _Families(Collector):
+    """A registry-shaped holder of ready families, for prometheus_client's encoders."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def _split(encoder: Encoder, families: list[Metric]) -> list[tuple[str, str]]:
+    """``encoder``'s output for ``families`` as (header lines, sample lines) per family.
+
+    Both encoders write each family as ``# HELP``, then ``# TYPE`` (and ``# UNIT``), then its
+    samples; OpenMetrics ends the whole with ``# EOF``."""
+    text = encoder(_Families(families)).decode()
+    blocks: list[tuple[str, str]] = []
+    for chunk in text.split("# HELP ")[1:]:
+        lines = ("# HELP " + chunk).splitlines(keepends=True)
+        header = "".join(x for x in lines if x.startswith("#") and x != "# EOF\n")
+        samples = "".join(x for x in lines if not x.startswith("#"))
+        blocks.append((header, samples))
+    assert len(blocks) == len(families), "every family starts with # HELP"
+    return blocks
+
+
+def _blocks(encoder: Encoder, families: list[Metric]) -> list[str]:
+    return [samples for _, samples in _split(encoder, families)]
+
+
+_FORMATS_KEPT: Final = 4  # text 0.0.4, OpenMetrics 1.0.0, and a couple of variants
 
 
 _GAUGES: Final = (
@@ -258,12 +355,15 @@ class Metrics:
         reports them; the counts (keys, foreign keys, blocked) start at 0.
         """
         with self._targets.lock:
-            self._targets.series.setdefault(target, _Series())
+            if target not in self._targets.series:
+                self._targets.series[target] = _Series()
+                self._targets.changed(target)
 
     def forget_target(self, target: str) -> None:
         """Remove every series of ``target`` (a config reload dropped it)."""
         with self._targets.lock:
             self._targets.series.pop(target, None)
+            self._targets.changed(target)
 
     def record_pass(self, report: model.PassReport, now: datetime) -> None:
         """Update the target's metrics from what one pass did and saw.
@@ -276,6 +376,7 @@ class Metrics:
         duration = max(report.duration_seconds, 0.0)
         with self._targets.lock:
             series = self._targets.series.setdefault(report.target, _Series())
+            self._targets.changed(report.target)
             for component in report.error_components:
                 series.errors[_component_index(component)] += 1
             series.buckets[bisect.bisect_left(PASS_DURATION_BUCKETS, duration)] += 1
@@ -314,6 +415,7 @@ class Metrics:
             else:
                 series = self._targets.series.setdefault(target, _Series())
                 series.errors[_component_index(component)] += 1
+                self._targets.changed(target)
 
     def record_reload(self, ok: bool) -> None:
         """Count one configuration reload (the caller counts a failure's ``config`` error)."""
@@ -329,6 +431,22 @@ class Metrics:
 
     # --- HTTP -----------------------------------------------------------------------------
 
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The /metrics body and its content type for an ``Accept`` header: what
+        prometheus_client's encoder writes for the registry, the per-target families written
+        from cached lines (see :class:`_TargetCollector`)."""
+        encoder, content_type = choose_encoder(accept)
+        with self._targets.hidden():
+            rest = encoder(self.registry).decode()
+        eof = "# EOF\n"
+        openmetrics = rest.endswith(eof)
+        if openmetrics:
+            rest = rest[: -len(eof)]
+        parts = [rest, *self._targets.exposition(encoder, content_type)]
+        if openmetrics:
+            parts.append(eof)
+        return "".join(parts).encode(), content_type
+
     def serve(self, host: str, port: int, *, healthy: Probe, ready: Probe) -> MetricsServer:
         """Serve /metrics, /healthz and /readyz on ``host:port`` in a daemon thread.
 
@@ -340,7 +458,7 @@ class Metrics:
         host = host.strip()
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        server = _Server((host, port), _family(host), self.registry, healthy, ready)
+        server = _Server((host, port), _family(host), self.exposition, healthy, ready)
         return MetricsServer(server)
 
 
@@ -383,8 +501,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, *, send_body: bool) -> None:
         path = urlsplit(self.path).path
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._send(HTTPStatus.OK, encoder(self.server.registry), content_type, send_body)
+            payload, content_type = self.server.exposition(self.headers.get("Accept", ""))
+            self._send(HTTPStatus.OK, payload, content_type, send_body)
         elif path in ("/healthz", "/readyz"):
             check = self.server.healthy if path == "/healthz" else self.server.ready
             ok, reason = _probe(check)
@@ -427,12 +545,12 @@ class _Server(ThreadingHTTPServer):
         self,
         address: tuple[str, int],
         family: socket.AddressFamily,
-        registry: CollectorRegistry,
+        exposition: Callable[[str], tuple[bytes, str]],
         healthy: Probe,
         ready: Probe,
     ) -> None:
         self.address_family = family
-        self.registry = registry
+        self.exposition = exposition
         self.healthy = healthy
         self.ready = ready
         super().__init__(address, _Handler)

@@ -511,3 +511,81 @@ def test_a_pass_that_never_listed_the_keys_keeps_the_previous_key_counts() -> No
     sample = m.registry.get_sample_value
     assert sample("rotator_access_keys", {"target": "monitoring", "status": "active"}) == 2
     assert sample("rotator_foreign_keys", {"target": "monitoring"}) == 1
+
+
+# --- /metrics from cached per-target lines ------------------------------------------------------
+
+TEXT = "text/plain"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def families(text: str) -> dict[str, list[str]]:
+    """An exposition as {family header: its sample lines, in order}; families in any order."""
+    out: dict[str, list[str]] = {}
+    for chunk in text.split("# HELP ")[1:]:
+        lines = chunk.splitlines()
+        header = "\n".join(x for x in lines if x.startswith("# TYPE") or x is lines[0])
+        out[header] = [x for x in lines[1:] if not x.startswith("#")]
+    return out
+
+
+def reference(m: metrics.Metrics, accept: str) -> str:
+    """What prometheus_client's own encoder writes for the whole registry."""
+    encoder, _ = metrics.choose_encoder(accept)
+    return encoder(m.registry).decode()
+
+
+def busy(m: metrics.Metrics) -> None:
+    """Targets in every state: fresh, rotated, failing, blocked, forgotten, with a global error."""
+    for name in ("alpha", "bravo", "charlie", "delta"):
+        m.init_target(name)
+    m.record_pass(report(target="alpha", rotated=True), NOW)
+    m.record_pass(
+        report(target="bravo", ok=False, error="x", error_components=("vault",), keys_observed=False),
+        NOW,
+    )
+    m.record_pass(report(target="charlie", blocked=True, foreign_keys=1, keys_active=2), NOW)
+    m.record_error("", "config")
+    m.forget_target("delta")
+
+
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_the_exposition_is_what_prometheus_clients_encoder_writes(
+    m: metrics.Metrics, accept: str
+) -> None:
+    m.set_build_info("9.9.9")
+    busy(m)
+
+    body, content_type = m.exposition(accept)
+    text = body.decode()
+
+    assert families(text) == families(reference(m, accept))
+    assert content_type == metrics.choose_encoder(accept)[1]
+    assert text.endswith("# EOF\n") == (accept == OPENMETRICS)
+    assert text.count("# EOF") == (accept == OPENMETRICS)
+    assert 'target="delta"' not in text
+
+
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_a_change_after_a_scrape_is_in_the_next_scrape(m: metrics.Metrics, accept: str) -> None:
+    busy(m)
+    m.exposition(accept)  # fills the cache
+
+    m.record_pass(report(target="alpha", rotated=True, keys_active=2), NOW + timedelta(hours=1))
+    m.record_error("charlie", "eim")
+    m.init_target("echo")
+    m.forget_target("bravo")
+    text = m.exposition(accept)[0].decode()
+
+    assert families(text) == families(reference(m, accept))
+    assert 'target="echo"' in text and 'target="bravo"' not in text
+
+
+def test_accept_headers_naming_many_versions_keep_a_bounded_cache(m: metrics.Metrics) -> None:
+    busy(m)
+    for minor in range(20):
+        accept = f"application/openmetrics-text; version=1.{minor}.0"
+        text = m.exposition(accept)[0].decode()
+        assert families(text) == families(reference(m, accept))
+
+    assert len(m._targets._lines) <= metrics._FORMATS_KEPT
