@@ -541,7 +541,9 @@ def busy(m: metrics.Metrics) -> None:
         m.init_target(name)
     m.record_pass(report(target="alpha", rotated=True), NOW)
     m.record_pass(
-        report(target="bravo", ok=False, error="x", error_components=("vault",), keys_observed=False),
+        report(
+            target="bravo", ok=False, error="x", error_components=("vault",), keys_observed=False
+        ),
         NOW,
     )
     m.record_pass(report(target="charlie", blocked=True, foreign_keys=1, keys_active=2), NOW)
