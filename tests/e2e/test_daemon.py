@@ -10,8 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,14 @@ from botocore.exceptions import ClientError
 from tests.support import servers
 from tests.support.harness import (
     Consumer,
-    Observer,
+    assert_rotated_cleanly,
     daemon_env,
     http_status,
+    run_rotator,
     scrape,
     started,
     wait_for,
+    watch_rotations,
     write_config,
 )
 
@@ -45,69 +45,9 @@ def test_daemon_rotates_three_times_without_a_consumer_failure(
 ) -> None:
     metrics_port = servers.free_port()
     cfg = write_config(tmp_path, iam_admin, vault, metrics_port)
-    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=stdout,
-            stderr=stderr,
-            env=daemon_env,
-            cwd=tmp_path,
-        )
-    started.append(process)
     consumer = Consumer(vault, iam_admin.endpoint, iam_admin.region)
-    observer = Observer(iam_admin)
-    threads = [threading.Thread(target=t.run, daemon=True) for t in (consumer, observer)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for(
-            lambda: len(consumer.key_ids) >= ROTATIONS + 1 and len(observer.deleted) >= ROTATIONS,
-            timeout=120,
-            what=f"{ROTATIONS} rotations seen by the consumer and {ROTATIONS} old keys deleted",
-            process=process,
-        )
-        metrics = scrape(metrics_port)
-    except AssertionError as exc:
-        raise AssertionError(
-            f"{exc}\nconsumer saw {consumer.key_ids}, observer {observer.history}"
-            f"\ndaemon log tail:\n{err.read_text()[-4000:]}"
-        ) from None
-    finally:
-        consumer.stop.set()
-        observer.stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
-
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0, err.read_text()[-3000:]
-    logs = out.read_text() + err.read_text()
-
-    assert consumer.failures == []
-    assert consumer.uses >= 10
-    assert observer.max_keys <= 2
-    for key_id in observer.deleted:
-        assert observer.history[key_id][-1] == "Inactive", (key_id, observer.history[key_id])
-        assert "Active" in observer.history[key_id]
-    assert len(set(consumer.key_ids)) == len(consumer.key_ids)  # every rotation a new key
-
-    target = 'target="monitoring"'
-    rotations = metrics[f'rotator_rotations_total{{result="success",{target}}}']
-    assert rotations >= ROTATIONS + 1  # the first key counts as a rotation
-    assert metrics[f'rotator_rotations_total{{result="failure",{target}}}'] == 0
-    assert metrics[f"rotator_foreign_keys{{{target}}}"] == 0
-    assert metrics[f"rotator_blocked{{{target}}}"] == 0
-    assert 0 <= metrics[f"rotator_key_age_seconds{{{target}}}"] < 30
-    assert metrics[f'rotator_access_keys{{status="active",{target}}}'] >= 1
-    assert metrics[f"rotator_last_pass_success_timestamp_seconds{{{target}}}"] > time.time() - 30
-
-    assert consumer.secrets
-    for secret in consumer.secrets | {iam_admin.secret_access_key, vault.root_token}:
-        assert secret not in logs
-    events = [json.loads(line) for line in err.read_text().splitlines() if line.startswith("{")]
-    summaries = [e for e in events if e.get("event") == "pass_summary"]
-    assert summaries and all(e["target"] == "monitoring" for e in summaries)
-    assert any(e.get("event") == "daemon_stopped" for e in events)
+    run = watch_rotations(cfg, daemon_env, started, iam_admin, consumer, metrics_port, ROTATIONS)
+    assert_rotated_cleanly(run, ROTATIONS, {iam_admin.secret_access_key, vault.root_token})
 
 
 def test_once_exits_1_and_names_the_problem_when_vault_is_unreachable(
@@ -155,14 +95,7 @@ def test_once_then_status_and_dry_run(
     cfg = write_config(tmp_path, iam_admin, vault, servers.free_port(), max_age="1h")
 
     def rotator(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "rotator", *args, "-c", str(cfg)],
-            capture_output=True,
-            text=True,
-            env=daemon_env,
-            timeout=60,
-            check=False,
-        )
+        return run_rotator(cfg, daemon_env, *args)
 
     plan = rotator("run", "--once", "--dry-run")
     assert plan.returncode == 0, plan.stderr

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -230,6 +232,115 @@ def http_status(port: int, path: str) -> int:
             return int(answer.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
+
+
+def run_rotator(cfg: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m rotator ARGS -c CFG``, run from the test's own working directory (not the
+    config's), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "rotator", *args, "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@dataclass
+class Rotations:
+    """What :func:`watch_rotations` saw: the consumer, the observer, /metrics scraped before the
+    daemon stopped, its stdout and stderr together, and the JSON events of its stderr."""
+
+    consumer: Consumer
+    observer: Observer
+    metrics: dict[str, float]
+    logs: str
+    events: list[dict[str, Any]]
+
+
+def watch_rotations(
+    cfg: Path,
+    env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+    admin: servers.MotoAdmin,
+    consumer: Consumer,
+    metrics_port: int,
+    rotations: int,
+) -> Rotations:
+    """Run the daemon on ``cfg`` (stdout.log and stderr.log beside it) with ``consumer`` and an
+    observer of the user's keys until the consumer saw ``rotations`` rotations and the observer as
+    many old keys deleted; scrape /metrics, stop both threads, then SIGTERM the daemon, which must
+    exit 0."""
+    out, err = cfg.with_name("stdout.log"), cfg.with_name("stderr.log")
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=cfg.parent,
+        )
+    started.append(process)
+    observer = Observer(admin)
+    threads = [threading.Thread(target=t.run, daemon=True) for t in (consumer, observer)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(
+            lambda: len(consumer.key_ids) >= rotations + 1 and len(observer.deleted) >= rotations,
+            timeout=120,
+            what=f"{rotations} rotations seen by the consumer and {rotations} old keys deleted",
+            process=process,
+        )
+        metrics = scrape(metrics_port)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\nconsumer saw {consumer.key_ids}, observer {observer.history}"
+            f"\ndaemon log tail:\n{err.read_text()[-4000:]}"
+        ) from None
+    finally:
+        consumer.stop.set()
+        observer.stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0, err.read_text()[-3000:]
+    events = [json.loads(line) for line in err.read_text().splitlines() if line.startswith("{")]
+    return Rotations(consumer, observer, metrics, out.read_text() + err.read_text(), events)
+
+
+def assert_rotated_cleanly(run: Rotations, rotations: int, secrets: set[str]) -> None:
+    """The checks every :func:`watch_rotations` run must pass: no consumer failure, at most two
+    keys, each old key deactivated before its deletion, a new key every rotation, clean metrics,
+    no secret (the published ones and ``secrets``) in the logs, pass summaries (of the one
+    target) and the daemon_stopped event in them."""
+    consumer, observer, metrics = run.consumer, run.observer, run.metrics
+    assert consumer.failures == [], consumer.failures
+    assert consumer.uses >= 10, consumer.uses
+    assert observer.max_keys <= 2, observer.max_keys
+    for key_id in observer.deleted:
+        assert observer.history[key_id][-1] == "Inactive", (key_id, observer.history[key_id])
+        assert "Active" in observer.history[key_id], (key_id, observer.history[key_id])
+    assert len(set(consumer.key_ids)) == len(consumer.key_ids), consumer.key_ids  # new keys
+
+    target = 'target="monitoring"'
+    successes = metrics[f'rotator_rotations_total{{result="success",{target}}}']
+    assert successes >= rotations + 1, successes  # the first key counts as a rotation
+    assert metrics[f'rotator_rotations_total{{result="failure",{target}}}'] == 0, metrics
+    assert metrics[f"rotator_foreign_keys{{{target}}}"] == 0, metrics
+    assert metrics[f"rotator_blocked{{{target}}}"] == 0, metrics
+    assert 0 <= metrics[f"rotator_key_age_seconds{{{target}}}"] < 30, metrics
+    assert metrics[f'rotator_access_keys{{status="active",{target}}}'] >= 1, metrics
+    assert metrics[f"rotator_last_pass_success_timestamp_seconds{{{target}}}"] > time.time() - 30
+
+    assert consumer.secrets
+    for secret in consumer.secrets | secrets:
+        assert secret not in run.logs  # no message: it would print the secret
+    summaries = [e for e in run.events if e.get("event") == "pass_summary"]
+    assert summaries and all(e["target"] == "monitoring" for e in summaries), summaries
+    assert any(e.get("event") == "daemon_stopped" for e in run.events)
 
 
 @pytest.fixture
