@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,20 +23,16 @@ import pytest
 
 from tests.support import servers
 from tests.support.fleet import (
-    FleetConsumer,
-    FleetObserver,
+    FleetRun,
     RecordingProxy,
-    Replica,
-    VaultView,
     authenticates,
+    fleet_config,
     fleet_proxy,
     iam_keys,
-    replica_configs,
     tracked_ids,
     used_after_inactive,
-    users_of,
 )
-from tests.support.harness import daemon_env, started, target_names, user_of, wait_for, write_config
+from tests.support.harness import daemon_env, started, user_of, wait_for
 
 __all__ = ["daemon_env", "fleet_proxy", "started"]  # fixtures used by name
 
@@ -49,7 +44,7 @@ LOCK_TTL = 3.0
 ROTATIONS = 2  # per target, after the first key
 
 
-class Fleet:
+class Fleet(FleetRun):
     """Three replicas, a consumer and an observer over every target; stopped by ``close``."""
 
     def __init__(
@@ -61,47 +56,20 @@ class Fleet:
         env: dict[str, str],
         started: list[subprocess.Popen[bytes]],
     ) -> None:
-        self.targets = target_names(TARGETS)
-        port = servers.free_port()
-        cfg = write_config(
+        cfg, port = fleet_config(
             tmp_path,
             admin,
             vault,
-            port,
-            targets=TARGETS,
-            endpoint=proxy.endpoint,
+            proxy,
+            TARGETS,
+            f"{LOCK_TTL:g}s",
             check_interval=f"{CHECK_INTERVAL:g}s",
             max_age=f"{MAX_AGE:g}s",
             grace="2s",
             inactive_period="2s",
             verify_timeout="4s",
-            workers=2,
-            level="info",
-            extra_vault=f"\n  lock_ttl: {LOCK_TTL:g}s",
         )
-        self.replicas = [
-            Replica(f"replica-{i}", path, env, started)
-            for i, path in enumerate(replica_configs(cfg, port, REPLICAS))
-        ]
-        self.view = VaultView(vault)
-        self.consumer = FleetConsumer(vault, admin, self.targets)
-        self.observer = FleetObserver(admin, users_of(self.targets))
-        self.threads = [
-            threading.Thread(target=t.run, daemon=True) for t in (self.consumer, self.observer)
-        ]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-        for replica in self.replicas:
-            replica.start()
-
-    def check_alive(self) -> None:
-        for replica in self.replicas:
-            if replica.process is not None and replica.process.poll() not in (None, -9):
-                raise AssertionError(
-                    f"{replica.name} exited with {replica.process.returncode}:\n{replica.tail()}"
-                )
+        super().__init__(cfg, port, TARGETS, REPLICAS, admin, vault, env, started)
 
     def wait(self, predicate: Any, timeout: float, what: str) -> None:
         def check() -> bool:
@@ -111,15 +79,10 @@ class Fleet:
         try:
             wait_for(check, timeout, what)
         except AssertionError as exc:
-            tails = "\n".join(f"--- {r.name}\n{r.tail(1500)}" for r in self.replicas)
             seen = {t: len(set(k)) for t, k in self.consumer.key_ids.items()}
-            raise AssertionError(f"{exc}\nkeys seen per target: {seen}\n{tails}") from None
-
-    def stop_consumers(self) -> None:
-        self.consumer.stop.set()
-        self.observer.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
+            raise AssertionError(
+                f"{exc}\nkeys seen per target: {seen}\n{self.tails(1500)}"
+            ) from None
 
     def terminate_all(self) -> dict[str, int]:
         return {r.name: r.terminate() for r in self.replicas if r.running()}

@@ -25,19 +25,16 @@ import pytest
 
 from tests.support import servers
 from tests.support.fleet import (
-    FleetConsumer,
-    FleetObserver,
+    FleetRun,
     RecordingProxy,
-    Replica,
     VaultView,
+    fleet_config,
     fleet_proxy,
     iam_keys,
-    replica_configs,
     tracked_ids,
     used_after_inactive,
-    users_of,
 )
-from tests.support.harness import daemon_env, started, target_names, user_of, wait_for, write_config
+from tests.support.harness import daemon_env, started, user_of, wait_for
 
 __all__ = ["daemon_env", "fleet_proxy", "started"]  # fixtures used by name
 
@@ -89,51 +86,20 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
     started: list[subprocess.Popen[bytes]],
 ) -> None:
     began = time.monotonic()
-    targets = target_names(TARGETS)
-    port = servers.free_port()
-    cfg = write_config(
-        tmp_path,
-        iam_admin,
-        vault,
-        port,
-        targets=TARGETS,
-        endpoint=fleet_proxy.endpoint,
-        workers=2,
-        level="info",
-        extra_vault=f"\n  lock_ttl: {LOCK_TTL}",
-        **TIMING,
-    )
+    cfg, port = fleet_config(tmp_path, iam_admin, vault, fleet_proxy, TARGETS, LOCK_TTL, **TIMING)
     text = cfg.read_text()
     assert "max_attempts: 2" in text
     cfg.write_text(text.replace("max_attempts: 2", f"max_attempts: {MAX_ATTEMPTS}"))
-    configs = replica_configs(cfg, port, REPLICAS)
-    replicas = [
-        Replica(f"replica-{i}", path, daemon_env, started) for i, path in enumerate(configs)
-    ]
-    view = VaultView(vault)
+    run = FleetRun(cfg, port, TARGETS, REPLICAS, iam_admin, vault, daemon_env, started, shards=4)
+    targets, configs, replicas, view = run.targets, run.configs, run.replicas, run.view
+    consumer, observer, tails, check_alive = run.consumer, run.observer, run.tails, run.check_alive
     admin = iam_admin.client()
-    consumer = FleetConsumer(vault, iam_admin, targets, shards=4)
-    observer = FleetObserver(iam_admin, users_of(targets))
-    threads = [threading.Thread(target=t.run, daemon=True) for t in (consumer, observer)]
     rng = random.Random(SEED)
     faults = fleet_proxy.random_faults(rate=FAULT_RATE, seed=SEED)
     schedule: list[str] = []
     sigterm_codes: list[int] = []
 
-    def tails() -> str:
-        return "\n".join(f"--- {r.name}\n{r.tail(2000)}" for r in replicas)
-
-    def check_alive() -> None:
-        for replica in replicas:
-            if replica.process is not None and replica.process.poll() not in (None, -9):
-                raise AssertionError(
-                    f"{replica.name} exited by itself with {replica.process.returncode}\n{tails()}"
-                )
-
-    for thread in threads:
-        thread.start()
-    for replica in replicas:
-        replica.start()
+    run.start()
     try:
         # --- chaos: faults on, kills and restarts at seeded random moments -------------------
         chaos_began = time.monotonic()
@@ -208,10 +174,7 @@ def test_soak_two_replicas_random_faults_kills_and_restarts(
         rounds = consumer.rounds
         wait_for(lambda: consumer.rounds >= rounds + 2, 30, "the consumer reading the end state")
     finally:
-        consumer.stop.set()
-        observer.stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        run.stop_consumers()
     for replica in replicas:
         sigterm_codes.append(replica.terminate())
 

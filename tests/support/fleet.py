@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.support import servers
 from tests.support.faultproxy import FaultProxy, Hold, Request, _error_code, _tag
-from tests.support.harness import secret_path_of, user_of, wait_for
+from tests.support.harness import secret_path_of, target_names, user_of, wait_for, write_config
 
 
 class Create(NamedTuple):
@@ -464,3 +464,89 @@ def used_after_inactive(consumer: FleetConsumer, observer: FleetObserver) -> lis
 
 def users_of(targets: list[str]) -> list[str]:
     return [user_of(t) for t in targets]
+
+
+# --- a fleet run -------------------------------------------------------------------------------
+
+
+def fleet_config(
+    tmp_path: Path,
+    admin: servers.MotoAdmin,
+    vault: Any,
+    proxy: FaultProxy,
+    targets: int,
+    lock_ttl: str,
+    **timing: str,
+) -> tuple[Path, int]:
+    """A config for a fleet of ``targets`` whose IAM calls go through ``proxy`` (two workers,
+    info logs, a lease TTL of ``lock_ttl``, ``timing`` for the defaults): its path, metrics port."""
+    port = servers.free_port()
+    cfg = write_config(
+        tmp_path,
+        admin,
+        vault,
+        port,
+        targets=targets,
+        endpoint=proxy.endpoint,
+        workers=2,
+        level="info",
+        extra_vault=f"\n  lock_ttl: {lock_ttl}",
+        **timing,
+    )
+    return cfg, port
+
+
+class FleetRun:
+    """``replicas`` daemons on copies of ``cfg`` (a :func:`fleet_config`), with a consumer and an
+    observer over every target: ``start`` starts them all, ``stop_consumers`` the two threads;
+    the processes are killed by the ``started`` fixture."""
+
+    def __init__(
+        self,
+        cfg: Path,
+        port: int,
+        targets: int,
+        replicas: int,
+        admin: servers.MotoAdmin,
+        vault: Any,
+        env: dict[str, str],
+        started: list[subprocess.Popen[bytes]],
+        *,
+        shards: int = 2,
+    ) -> None:
+        self.targets = target_names(targets)
+        self.configs = replica_configs(cfg, port, replicas)
+        self.replicas = [
+            Replica(f"replica-{i}", path, env, started) for i, path in enumerate(self.configs)
+        ]
+        self.view = VaultView(vault)
+        self.consumer = FleetConsumer(vault, admin, self.targets, shards=shards)
+        self.observer = FleetObserver(admin, users_of(self.targets))
+        self.threads = [
+            threading.Thread(target=t.run, daemon=True) for t in (self.consumer, self.observer)
+        ]
+
+    def start(self) -> None:
+        """The consumer and the observer first, then every replica."""
+        for thread in self.threads:
+            thread.start()
+        for replica in self.replicas:
+            replica.start()
+
+    def tails(self, chars: int = 2000) -> str:
+        return "\n".join(f"--- {r.name}\n{r.tail(chars)}" for r in self.replicas)
+
+    def check_alive(self) -> None:
+        """Fail if a replica exited by itself (an exit by kill -9 is the test's own)."""
+        for replica in self.replicas:
+            if replica.process is not None and replica.process.poll() not in (None, -9):
+                raise AssertionError(
+                    f"{replica.name} exited by itself with {replica.process.returncode}\n"
+                    f"{self.tails()}"
+                )
+
+    def stop_consumers(self) -> None:
+        self.consumer.stop.set()
+        self.observer.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
