@@ -4,6 +4,10 @@ Starts moto's IAM server (authentication enforced) on 127.0.0.1:5055 and an Open
 on 127.0.0.1:8255, writes the admin key and the Vault token under .demo/ (mode 0600), runs the
 daemon in the foreground, and on Ctrl-C (or SIGTERM) stops the daemon, then both servers, by
 their PIDs. Run it with `make demo`.
+
+When those ports are taken, ``ROTATOR_DEMO_PORTS=IAM,VAULT,METRICS`` picks others (Vault needs
+VAULT+1 free too) and ``ROTATOR_DEMO_DIR`` another folder than .demo/; the demo then writes its
+own copy of config/demo.yaml there, with those addresses. The e2e test runs it that way.
 """
 
 from __future__ import annotations
@@ -19,9 +23,45 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support import servers  # noqa: E402 - the same server classes the tests use
 
-DEMO = ROOT / ".demo"
 CONFIG = ROOT / "config" / "demo.yaml"
-IAM_PORT, VAULT_PORT = 5055, 8255
+PORTS = (5055, 8255, 9109)  # IAM, Vault, metrics: as config/demo.yaml says
+
+
+def settings() -> tuple[Path, tuple[int, int, int]]:
+    """The demo folder and the ports, from the environment (see the module docstring)."""
+    demo = Path(os.environ.get("ROTATOR_DEMO_DIR") or ROOT / ".demo").resolve()
+    raw = os.environ.get("ROTATOR_DEMO_PORTS", "")
+    if not raw:
+        return demo, PORTS
+    try:
+        iam, vault, metrics = (int(p) for p in raw.split(","))
+    except ValueError:
+        raise SystemExit(
+            f"demo: ROTATOR_DEMO_PORTS={raw!r}: give three ports, IAM,VAULT,METRICS "
+            "(for example 5055,8255,9109)"
+        ) from None
+    return demo, (iam, vault, metrics)
+
+
+def demo_config(demo: Path, ports: tuple[int, int, int]) -> Path:
+    """config/demo.yaml itself, or a copy in ``demo`` pointing at other ports and files."""
+    if demo == ROOT / ".demo" and ports == PORTS:
+        return CONFIG
+    iam, vault, metrics = ports
+    text = CONFIG.read_text()
+    for old, new in (
+        ("http://127.0.0.1:5055", f"http://127.0.0.1:{iam}"),
+        ("http://127.0.0.1:8255", f"http://127.0.0.1:{vault}"),
+        ("127.0.0.1:9109", f"127.0.0.1:{metrics}"),
+        ("../.demo/", f"{demo}/"),
+        ("policies/", f"{CONFIG.parent / 'policies'}/"),
+    ):
+        if old not in text:
+            raise SystemExit(f"demo: {CONFIG} no longer says {old!r}; update scripts/demo.py")
+        text = text.replace(old, new)
+    path = demo / "demo.yaml"
+    path.write_text(text)
+    return path
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -31,29 +71,34 @@ def write_secret(path: Path, text: str) -> None:
 
 
 def main() -> int:
-    DEMO.mkdir(exist_ok=True)
+    demo, ports = settings()
+    iam_port, vault_port, metrics_port = ports
+    demo.mkdir(exist_ok=True)
+    config = demo_config(demo, ports)
+    shown = os.path.relpath(config, Path.cwd())
     bin_dir = Path(sys.executable).parent
-    iam = servers.MotoServer(log_path=DEMO / "moto.log")
-    bao = servers.OpenBaoServer(DEMO / "openbao", log_path=DEMO / "openbao.log")
+    iam = servers.MotoServer(log_path=demo / "moto.log")
+    bao = servers.OpenBaoServer(demo / "openbao", log_path=demo / "openbao.log")
     try:
-        iam.start(port=IAM_PORT)
-        bao.start(port=VAULT_PORT)
+        iam.start(port=iam_port)
+        bao.start(port=vault_port)
     except RuntimeError as exc:
         iam.stop()
         bao.stop()
         print(
-            f"demo: {exc}\n(is an earlier demo still running? ports {IAM_PORT}, "
-            f"{VAULT_PORT} and {VAULT_PORT + 1} must be free)",
+            f"demo: {exc}\n(is an earlier demo still running? ports {iam_port}, "
+            f"{vault_port} and {vault_port + 1} must be free, or choose others with "
+            "ROTATOR_DEMO_PORTS=IAM,VAULT,METRICS)",
             file=sys.stderr,
         )
         return 1
     admin = iam.bootstrap_admin()
     write_secret(
-        DEMO / "eim-credentials",
+        demo / "eim-credentials",
         f"aws_access_key_id = {admin.access_key_id}\n"
         f"aws_secret_access_key = {admin.secret_access_key}\n",
     )
-    write_secret(DEMO / "vault-token", bao.root_token + "\n")
+    write_secret(demo / "vault-token", bao.root_token + "\n")
     rotator = bin_dir / "rotator"
     rel = Path(os.path.relpath(bin_dir, Path.cwd()))
     print(
@@ -61,11 +106,11 @@ def main() -> int:
   local IAM server (moto, auth enforced): {iam.endpoint}   pid {iam.pid}
   local Vault (OpenBao dev):              {bao.address}   pid {bao.pid}
 
-  rotator now runs on config/demo.yaml: a key every 30 s, the old one Active 10 s more,
+  rotator now runs on {shown}: a key every 30 s, the old one Active 10 s more,
   then Inactive 10 s, then deleted. In another terminal:
 
-    {rel / "rotator"} status -c config/demo.yaml
-    curl -s http://127.0.0.1:9109/metrics | grep ^rotator_
+    {rel / "rotator"} status -c {shown}
+    curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^rotator_
     VAULT_ADDR={bao.address} VAULT_TOKEN={bao.root_token} \\
       {rel / "bao"} kv get secret/monitoring/watcher_1
 
@@ -74,7 +119,7 @@ def main() -> int:
         flush=True,
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
-    daemon = subprocess.Popen([str(rotator), "run", "-c", str(CONFIG)], env=env)
+    daemon = subprocess.Popen([str(rotator), "run", "-c", str(config)], env=env)
 
     def forward(signum: int, _frame: object) -> None:
         daemon.send_signal(signal.SIGTERM)
