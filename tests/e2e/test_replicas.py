@@ -45,7 +45,7 @@ ROTATIONS = 2  # per target, after the first key
 
 
 class Fleet(FleetRun):
-    """Three replicas, a consumer and an observer over every target; stopped by ``close``."""
+    """Three replicas, a consumer and an observer over every target (see ``FleetRun``)."""
 
     def __init__(
         self,
