@@ -364,11 +364,9 @@ class EimIdentity:
         )
         self._credentials = credentials() if callable(credentials) else credentials
         self._loader: Any = None
-        self._session, self._client, self._once_client = self._build(self._credentials)
+        self._client, self._once_client = self._build(self._credentials)
 
-    def _build(
-        self, credentials: tuple[str, model.Secret] | None
-    ) -> tuple[boto3.Session, IAMClient, IAMClient]:
+    def _build(self, credentials: tuple[str, model.Secret] | None) -> tuple[IAMClient, IAMClient]:
         try:
             if credentials is None:
                 session = boto3.Session(region_name=self._region, botocore_session=self._core())
@@ -395,7 +393,7 @@ class EimIdentity:
             raise errors.ConfigError("eim.endpoint", f"{self._endpoint_url!r}: {exc}") from exc
         self._register_signing_name(client, "iam")
         self._register_signing_name(once, "iam")
-        return session, client, once
+        return client, once
 
     def _core(self) -> botocore.session.Session:
         """A botocore session sharing this adapter's data loader: the IAM service model (about
@@ -415,7 +413,7 @@ class EimIdentity:
             fresh = self._source()
             if fresh == self._credentials:
                 return
-            self._session, self._client, self._once_client = self._build(fresh)
+            self._client, self._once_client = self._build(fresh)
             self._credentials = fresh
         _log.info("eim_credentials_reloaded", key_id=fresh[0])
 
