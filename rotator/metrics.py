@@ -176,12 +176,11 @@ class _TargetCollector(Collector):
             with self.lock:
                 if target in self.series and self._version.get(target, 0) == version:
                     cache[target] = lines  # unchanged since the copy: good until it changes
-        globals_lines = _blocks(encoder, _families([], global_errors))
         out: list[str] = []
-        headers = [header for header, _ in _split(encoder, _families([], {}))]
-        for index, header in enumerate(headers):
+        # one encoding gives every family's header and the target-less samples (global errors)
+        for index, (header, samples) in enumerate(_split(encoder, _families([], global_errors))):
             out.append(header)
-            out.append(globals_lines[index])
+            out.append(samples)
             out.extend(lines[index] for lines in have.values() if lines is not None)
         return out
 
