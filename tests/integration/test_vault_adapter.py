@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import http.server
-import json
 import re
 import threading
 import time
@@ -21,7 +18,8 @@ import pytest
 from rotator import errors, model
 from rotator.adapters import vault as vault_adapter
 from rotator.adapters.vault import AppRoleAuth, KubernetesAuth, TokenAuth, VaultStore
-from tests.support import servers
+from tests.support import kubernetes_standin, servers
+from tests.support.kubernetes_standin import ServiceAccount, TokenReviewStandIn
 from tests.support.openbao import VaultFixture
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -485,117 +483,23 @@ def test_approle_with_a_wrong_secret_id_is_denied_without_echoing_it(
 
 # --- Kubernetes --------------------------------------------------------------------------------
 
+
 # Never used to verify anything (the stand-in API server below is plain HTTP), but the auth
 # method insists on a CA certificate when it does not run in a pod. Public half of a throwaway.
-STAND_IN_CA = """-----BEGIN CERTIFICATE-----
-MIIBmDCCAT+gAwIBAgIUW4/+Wzrk1DXhC9kJnOWpJjs5nfYwCgYIKoZIzj0EAwIw
-ITEfMB0GA1UEAwwWc3RhbmQtaW4ga3ViZXJuZXRlcyBDQTAgFw0yNjEyMDMxMTM2
-MjFaGA8yMTI2MTEwOTExMzYyMVowITEfMB0GA1UEAwwWc3RhbmQtaW4ga3ViZXJu
-ZXRlcyBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABEAhFAd3pBWg6gfEO1kb
-QN/4UPCO5eLtEVmg+vwoWa8Dx1sd6CwiTFyoQ7x8VrG8h8iUyytRm1oSivkvZxZF
-EwOjUzBRMB0GA1UdDgQWBBRa+dD+x16zRkjlK0vCi4FHGr7nyTAfBgNVHSMEGDAW
-gBRa+dD+x16zRkjlK0vCi4FHGr7nyTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49
-BAMCA0cAMEQCIAS21i8Rta1elxnA1labI4m9xJEyXJvSWRBdCo7FDv19AiB3lUBL
-Jifwd4Wj9iazdGyW/vqW1InzY0U6OxQTHufE8A==
------END CERTIFICATE-----
-"""
-
-
-def service_account_jwt(namespace: str, name: str, uid: str) -> str:
-    """A legacy service account token: Vault reads its claims, the TokenReview vouches for it."""
-
-    def part(value: dict[str, str]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
-
-    claims = {
-        "iss": "kubernetes/serviceaccount",
-        "sub": f"system:serviceaccount:{namespace}:{name}",
-        "kubernetes.io/serviceaccount/namespace": namespace,
-        "kubernetes.io/serviceaccount/service-account.name": name,
-        "kubernetes.io/serviceaccount/service-account.uid": uid,
-        "kubernetes.io/serviceaccount/secret.name": f"{name}-token",
-    }
-    signature = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
-
-
-class TokenReviewStandIn:
-    """A loopback stand-in for the Kubernetes TokenReview API: vouches for one token only."""
-
-    def __init__(self, valid_token: str, username: str, uid: str) -> None:
-        self.reviewed: list[str] = []
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                token = body["spec"]["token"]
-                stand_in.reviewed.append(token)
-                status: dict[str, Any] = {"authenticated": token == valid_token}
-                if token == valid_token:
-                    status["user"] = {"username": username, "uid": uid, "groups": []}
-                answer = json.dumps(
-                    {
-                        "apiVersion": "authentication.k8s.io/v1",
-                        "kind": "TokenReview",
-                        "status": status,
-                    }
-                ).encode()
-                self.send_response(201)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # keep test output clean
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> TokenReviewStandIn:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture
 def kubernetes(vault: VaultFixture) -> Iterator[tuple[KubernetesAuth, TokenReviewStandIn]]:
     """Kubernetes auth enabled at a mount of this test, backed by the TokenReview stand-in."""
-    uid = str(uuid.uuid4())
-    jwt = service_account_jwt("ops", "rotator", uid)
+    account = ServiceAccount("ops", "rotator", str(uuid.uuid4()))
+    jwt = account.jwt()
     mount = f"kubernetes-{vault.mount}"
     root = vault.client()
-    with TokenReviewStandIn(jwt, "system:serviceaccount:ops:rotator", uid) as stand_in:
-        root.sys.enable_auth_method(method_type="kubernetes", path=mount)
-        root.write_data(
-            f"auth/{mount}/config",
-            data={
-                "kubernetes_host": stand_in.url,
-                "kubernetes_ca_cert": STAND_IN_CA,
-                "disable_local_ca_jwt": True,
-            },
-        )
+    with TokenReviewStandIn(account) as stand_in:
+        stand_in.accept(jwt)
         root.sys.create_or_update_policy(
             name=f"{vault.mount}-k8s",
             policy=f'path "{vault.mount}/data/*" {{ capabilities = ["create", "read", "update"] }}',
         )
-        root.write_data(
-            f"auth/{mount}/role/rotator",
-            data={
-                "bound_service_account_names": ["rotator"],
-                "bound_service_account_namespaces": ["ops"],
-                "token_policies": [f"{vault.mount}-k8s"],
-            },
-        )
+        kubernetes_standin.enable_auth(root, mount, stand_in, token_policies=[f"{vault.mount}-k8s"])
         yield KubernetesAuth(role="rotator", jwt=model.Secret(jwt), mount=mount), stand_in
 
 
@@ -608,14 +512,14 @@ def test_kubernetes_login_works_with_the_service_account_token(
     store.write_published("team/app", new_key("VIAK8S"), store.read_published("team/app"))
 
     assert store.read_published("team/app").access_key_id == "VIAK8S"
-    assert stand_in.reviewed == [auth.jwt.reveal()]  # one login, then the token is reused
+    assert stand_in.reviews() == [auth.jwt.reveal()]  # one login, then the token is reused
 
 
 def test_kubernetes_login_refused_is_denied_without_echoing_the_jwt(
     make_store: MakeStore, kubernetes: tuple[KubernetesAuth, TokenReviewStandIn]
 ) -> None:
     auth, _ = kubernetes
-    other = service_account_jwt("ops", "rotator", str(uuid.uuid4()))
+    other = ServiceAccount("ops", "rotator", str(uuid.uuid4())).jwt()  # not accepted
     store = make_store(
         auth=KubernetesAuth(role=auth.role, jwt=model.Secret(other), mount=auth.mount)
     )

@@ -30,7 +30,8 @@ from structlog.types import EventDict, WrappedLogger
 
 from rotator import config, errors, log, model
 from rotator.adapters.vault import AppRoleAuth, KubernetesAuth, TokenAuth, VaultStore
-from tests.support.kubernetes_standin import STAND_IN_CA, ServiceAccount, TokenReviewStandIn
+from tests.support import kubernetes_standin
+from tests.support.kubernetes_standin import ServiceAccount, TokenReviewStandIn
 from tests.support.openbao import VaultFixture
 
 MakeStore = Callable[..., VaultStore]
@@ -471,24 +472,13 @@ def kubernetes(vault: VaultFixture, tmp_path: Path) -> Iterator[Kubernetes]:
     mount = f"kubernetes-{vault.mount}"
     root = vault.client()
     with TokenReviewStandIn(account) as stand_in:
-        root.sys.enable_auth_method(method_type="kubernetes", path=mount)
-        root.write_data(
-            f"auth/{mount}/config",
-            data={
-                "kubernetes_host": stand_in.url,
-                "kubernetes_ca_cert": STAND_IN_CA,
-                "disable_local_ca_jwt": True,
-            },
-        )
-        root.write_data(
-            f"auth/{mount}/role/rotator",
-            data={
-                "bound_service_account_names": ["rotator"],
-                "bound_service_account_namespaces": ["ops"],
-                "token_policies": [rw_policy(vault)],
-                "token_ttl": "2s",
-                "token_max_ttl": "4s",
-            },
+        kubernetes_standin.enable_auth(
+            root,
+            mount,
+            stand_in,
+            token_policies=[rw_policy(vault)],
+            token_ttl="2s",
+            token_max_ttl="4s",
         )
         yield Kubernetes(stand_in, mount, tmp_path / "serviceaccount-token")
 

@@ -138,3 +138,27 @@ class TokenReviewStandIn:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)
+
+
+def enable_auth(client: Any, mount: str, stand_in: TokenReviewStandIn, **role: Any) -> None:
+    """Enable the kubernetes auth method at ``mount`` of OpenBao (``client``: a root hvac
+    client), backed by ``stand_in``, with a role ``rotator`` bound to the stand-in's service
+    account; ``role`` adds to the role's settings (``token_policies``, ``token_ttl``, ...)."""
+    account = stand_in.account
+    client.sys.enable_auth_method(method_type="kubernetes", path=mount)
+    client.write_data(
+        f"auth/{mount}/config",
+        data={
+            "kubernetes_host": stand_in.url,
+            "kubernetes_ca_cert": STAND_IN_CA,
+            "disable_local_ca_jwt": True,
+        },
+    )
+    client.write_data(
+        f"auth/{mount}/role/rotator",
+        data={
+            "bound_service_account_names": [account.name],
+            "bound_service_account_namespaces": [account.namespace],
+            **role,
+        },
+    )
