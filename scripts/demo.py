@@ -73,6 +73,17 @@ def write_secret(path: Path, text: str) -> None:
 def main() -> int:
     demo, ports = settings()
     iam_port, vault_port, metrics_port = ports
+    # Checked before anything starts or is written: a second demo must not reset the IAM
+    # server of one still running, nor overwrite its key and token files.
+    if taken := servers.taken_ports(iam_port, vault_port, vault_port + 1, metrics_port):
+        print(
+            f"demo: port {', '.join(map(str, taken))} of 127.0.0.1 is taken (is an earlier demo "
+            f"still running?): ports {iam_port}, {vault_port}, {vault_port + 1} and "
+            f"{metrics_port} must be free; stop the other demo, or choose other ports with "
+            "ROTATOR_DEMO_PORTS=IAM,VAULT,METRICS",
+            file=sys.stderr,
+        )
+        return 1
     demo.mkdir(exist_ok=True)
     config = demo_config(demo, ports)
     shown = os.path.relpath(config, Path.cwd())
@@ -85,12 +96,7 @@ def main() -> int:
     except RuntimeError as exc:
         iam.stop()
         bao.stop()
-        print(
-            f"demo: {exc}\n(is an earlier demo still running? ports {iam_port}, "
-            f"{vault_port} and {vault_port + 1} must be free, or choose others with "
-            "ROTATOR_DEMO_PORTS=IAM,VAULT,METRICS)",
-            file=sys.stderr,
-        )
+        print(f"demo: {exc}", file=sys.stderr)
         return 1
     admin = iam.bootstrap_admin()
     write_secret(

@@ -4,10 +4,13 @@ and on Ctrl-C stops rotator, then both servers. Run on free ports in a temporary
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,62 @@ def test_the_demo_rotates_a_key_and_ctrl_c_stops_rotator_and_both_servers(
     assert "Traceback" not in output
     assert (tmp_path / "demo" / "vault-token").stat().st_mode & 0o077 == 0  # mode 0600
     assert not (ROOT / ".demo" / "demo.yaml").exists()  # nothing written into the checkout
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A loopback port something else listens on, as an earlier demo's server would."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["iam", "vault", "vault cluster", "metrics"])
+def test_a_demo_whose_port_is_taken_stops_before_starting_or_writing_anything(
+    tmp_path: Path, held_port: int, which: str
+) -> None:
+    iam, vault, metrics = servers.free_port(), servers.free_port(consecutive=2), servers.free_port()
+    ports = {
+        "iam": (held_port, vault, metrics),
+        "vault": (iam, held_port, metrics),
+        "vault cluster": (iam, held_port - 1, metrics),
+        "metrics": (iam, vault, held_port),
+    }[which]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
+    env.update(
+        ROTATOR_DEMO_DIR=str(tmp_path / "demo"), ROTATOR_DEMO_PORTS=",".join(map(str, ports))
+    )
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    taken = re.search(r"port ([\d, ]+) of 127\.0\.0\.1 is taken", done.stderr)
+    assert taken and str(held_port) in taken.group(1).split(", "), done.stderr
+    assert "ROTATOR_DEMO_PORTS=IAM,VAULT,METRICS" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert " pid " not in done.stdout  # no server was started
+    assert not (tmp_path / "demo").exists()  # no key, token or config written
+
+
+@pytest.mark.timeout(30)
+def test_a_server_on_a_taken_port_refuses_to_start_instead_of_taking_the_other_for_itself(
+    tmp_path: Path, held_port: int
+) -> None:
+    moto = servers.MotoServer(log_path=tmp_path / "moto.log")
+    bao = servers.OpenBaoServer(tmp_path / "bao")
+
+    with pytest.raises(RuntimeError, match=f"port {held_port} of 127.0.0.1 is taken"):
+        moto.start(port=held_port)
+    with pytest.raises(RuntimeError, match=f"port {held_port} of 127.0.0.1 is taken"):
+        bao.start(port=held_port - 1)  # its cluster port (PORT+1) is the held one
+
+    assert moto.pid is None and bao.pid is None

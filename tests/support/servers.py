@@ -55,6 +55,31 @@ def free_port(consecutive: int = 1) -> int:
     raise RuntimeError(f"no run of {consecutive} free loopback port(s) found")
 
 
+def taken_ports(*ports: int) -> list[int]:
+    """The ports of ``ports`` that something on this machine holds on loopback now."""
+    taken = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the servers bind: connections of an earlier server in TIME_WAIT do not count,
+            # a listening socket does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                taken.append(port)
+    return taken
+
+
+def _refuse_taken(name: str, *ports: int) -> None:
+    """A pinned port must be free before the server starts: otherwise the readiness check could
+    get its answer from whatever holds the port (an earlier demo's server) and take it for ours."""
+    if taken := taken_ports(*ports):
+        raise RuntimeError(
+            f"{name} cannot start: port {', '.join(map(str, taken))} of 127.0.0.1 is taken "
+            "by another process"
+        )
+
+
 def _venv_binary(name: str) -> str:
     """The binary installed next to this Python (the venv's bin/), else the one on PATH."""
     beside = Path(sys.executable).parent / name
@@ -152,6 +177,7 @@ class MotoServer(_ServerProcess):
         """
         if port is not None:
             attempts = 1
+            _refuse_taken("moto_server", port)
         if self._process is not None:
             raise RuntimeError("moto server already started")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -190,7 +216,7 @@ class MotoServer(_ServerProcess):
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
             try:
                 conn.request("GET", "/moto-api/")
-                if conn.getresponse().status == 200:
+                if conn.getresponse().status == 200 and self._process.poll() is None:
                     return ""
             except OSError:
                 pass
@@ -296,6 +322,7 @@ class OpenBaoServer(_ServerProcess):
         """
         if port is not None:
             attempts = 1
+            _refuse_taken("OpenBao", port, port + 1)
         if self._process is not None:
             raise RuntimeError("OpenBao server already started")
         self.home.mkdir(parents=True, exist_ok=True)
@@ -334,7 +361,7 @@ class OpenBaoServer(_ServerProcess):
             code = self._process.poll()
             if code is not None:
                 return f"bao exited with status {code} (port {self.port} taken?)"
-            if self.health_status() == 200:
+            if self.health_status() == 200 and self._process.poll() is None:
                 return ""
             time.sleep(0.05)  # polling interval of a deadline-bounded wait, not a synchronisation
         return f"no healthy answer on {self.address} within {timeout}s"
