@@ -123,9 +123,10 @@ def test_a_server_on_a_taken_port_refuses_to_start_instead_of_taking_the_other_f
     moto = servers.MotoServer(log_path=tmp_path / "moto.log")
     bao = servers.OpenBaoServer(tmp_path / "bao")
 
-    with pytest.raises(RuntimeError, match=f"port {held_port} of 127.0.0.1 is taken"):
+    taken = rf"port ([\d, ]+, )?{held_port}(, [\d, ]+)? of 127\.0\.0\.1 is taken"
+    with pytest.raises(RuntimeError, match=taken):
         moto.start(port=held_port)
-    with pytest.raises(RuntimeError, match=f"port {held_port} of 127.0.0.1 is taken"):
+    with pytest.raises(RuntimeError, match=taken):
         bao.start(port=held_port - 1)  # its cluster port (PORT+1) is the held one
 
     assert moto.pid is None and bao.pid is None
