@@ -369,16 +369,25 @@ class EimIdentity:
     def _build(self, credentials: tuple[str, model.Secret] | None) -> tuple[IAMClient, IAMClient]:
         try:
             if credentials is None:
-                session = boto3.Session(region_name=self._region, botocore_session=self._core())
+                session = boto3.Session(
+                    region_name=self._region, botocore_session=self._core(chain=True)
+                )
             else:
                 key_id, secret = credentials
                 session = boto3.Session(
                     aws_access_key_id=key_id,
                     aws_secret_access_key=secret.reveal(),
                     region_name=self._region,
-                    botocore_session=self._core(),
+                    botocore_session=self._core(chain=False),
                 )
-        except botocore.exceptions.BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise errors.ConfigError(
+                "eim",
+                f"the boto3 credential chain cannot start: {_safe(str(exc))}: AWS_PROFILE names "
+                "a profile missing from ~/.aws/config and ~/.aws/credentials; fix or unset "
+                "AWS_PROFILE, or set eim.credentials_file",
+            ) from exc
+        except botocore.exceptions.BotoCoreError as exc:
             raise errors.ConfigError(
                 "eim", f"the boto3 session cannot be set up: {_safe(str(exc))}"
             ) from exc
@@ -395,10 +404,17 @@ class EimIdentity:
         self._register_signing_name(once, "iam")
         return client, once
 
-    def _core(self) -> botocore.session.Session:
+    def _core(self, *, chain: bool) -> botocore.session.Session:
         """A botocore session sharing this adapter's data loader: the IAM service model (about
-        12 MB) is loaded once for every session, the verification clients' included."""
-        session = botocore.session.Session()
+        12 MB) is loaded once for every session, the verification clients' included.
+
+        ``chain``: the credentials come from boto3's standard chain, so ``AWS_PROFILE`` picks
+        the profile. Otherwise (a credentials file, a key under test) the environment's profile
+        is not looked at: naming a profile the machine lacks must not break explicit credentials.
+        """
+        session = botocore.session.Session(
+            session_vars=None if chain else {"profile": (None, None, None, None)}
+        )
         if self._loader is None:
             self._loader = session.get_component("data_loader")
         else:
@@ -639,7 +655,7 @@ class EimIdentity:
     def _make_probe(self, service: str) -> Any:
         """The verification client of ``service`` ("iam" or "sts"): its only credentials are the
         key under test, so it can never sign with the environment's or the rotator's own."""
-        session = self._core()
+        session = self._core(chain=False)
         session.register_component(
             "credential_provider",
             botocore.credentials.CredentialResolver([_OnlyKeyUnderTest(self._key_under_test)]),

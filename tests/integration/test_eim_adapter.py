@@ -264,6 +264,39 @@ def test_credentials_none_uses_the_standard_boto3_chain(
     )
 
 
+@pytest.mark.parametrize("variable", ["AWS_PROFILE", "AWS_DEFAULT_PROFILE"])
+def test_a_profile_the_machine_lacks_does_not_break_explicit_credentials_or_verification(
+    iam_admin: servers.MotoAdmin,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    variable: str,
+) -> None:
+    monkeypatch.setenv(variable, "work")  # often exported in an operator's shell
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    identity = make_identity(iam_admin)  # credentials as eim.credentials_file gives them
+
+    identity.create_user("watcher_1")
+    key = identity.create_key("watcher_1")
+
+    assert [k.key_id for k in identity.list_keys("watcher_1")] == [key.key_id]
+    assert identity.verify_key(key.key_id, key.secret).outcome is model.VerifyOutcome.VALID
+
+
+def test_the_credential_chain_with_a_missing_profile_is_a_config_error_naming_aws_profile(
+    iam_admin: servers.MotoAdmin, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "work")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+
+    with pytest.raises(errors.ConfigError) as caught:
+        eim.EimIdentity(region=iam_admin.region, endpoint_url=iam_admin.endpoint, credentials=None)
+
+    assert "(work)" in str(caught.value)
+    assert "unset AWS_PROFILE, or set eim.credentials_file" in str(caught.value)
+
+
 # --- the rotator's own failures ------------------------------------------------------------
 
 
