@@ -109,8 +109,13 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], Any], ...]] = (
         re.compile(r"""(?P<pre>(?i:authorization)["']?\s*[:=]\s*b?["']?)(?P<value>[^"'\r\n]+)"""),
         _mask_authorization,
     ),
-    # SigV4 signatures: the header's Signature=..., presigned X-Amz-Signature=...
-    (re.compile(r"(?i)((?:x-amz-)?signature=)[^\s&,;'\"]+"), rf"\g<1>{MASK}"),
+    # SigV4 signatures in any form: the header's Signature=..., presigned X-Amz-Signature=...,
+    # botocore.auth's debug line "Signature:\n<hex>", a "Signature": "..." in a dict or JSON.
+    # A separator must follow the word: "SignatureDoesNotMatch" is not a signature.
+    (
+        re.compile(r"""(?i)(\b(?:x-amz-)?signature["']?\s*[=:]\s*b?["']?)[^\s&,;'"]+"""),
+        rf"\g<1>{MASK}",
+    ),
     # <SecretAccessKey>...</SecretAccessKey> in an IAM XML answer (botocore debug logs bodies).
     (
         re.compile(r"(?i)(<(?:SecretAccessKey|SessionToken|Password)>)[^<]*(</)"),

@@ -4,6 +4,8 @@ recorder where the wire itself is the thing checked (signing name, retries, EIM'
 from __future__ import annotations
 
 import http.server
+import io
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from rotator import errors, model
+from rotator import errors, log, model
 from rotator.adapters import eim
 from tests.support import servers
 
@@ -591,3 +593,41 @@ def test_the_verification_client_shares_the_service_model_already_loaded(
 
     # one loader, so the IAM model (about 12 MB) is not loaded a second time for verification
     assert probe._loader is identity._client._loader  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def debug_log() -> Iterator[io.StringIO]:
+    """rotator's logging at debug level into a buffer, so botocore's own debug lines are in it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    library_levels = {name: logging.getLogger(name).level for name in log.LIBRARY_LOGGERS}
+    stream = io.StringIO()
+    log.configure(format="json", level="debug", stream=stream)
+    try:
+        yield stream
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+        for name, library_level in library_levels.items():
+            logging.getLogger(name).setLevel(library_level)
+
+
+def test_no_request_signature_reaches_the_debug_log(
+    recorder: Recorder, debug_log: io.StringIO
+) -> None:
+    # The signatures are taken from the requests as the server got them: whatever form the
+    # libraries log them in (botocore.auth writes "Signature:\n<hex>"), none may show.
+    recorder.answers = [(200, LIST_GROUPS_OK), (200, GET_USER_OK)]
+    identity = recorded_identity(recorder)
+
+    identity.get_user("watcher_1")
+    identity.verify_key("AKIANEWKEYNEWKEY0000", model.Secret("n" * 40))
+
+    signatures = [r["Authorization"].rsplit("Signature=", 1)[1] for r in recorder.requests]
+    text = debug_log.getvalue()
+    assert len(signatures) == 2 and all(len(s) == 64 for s in signatures)
+    assert '"logger": "botocore.auth"' in text  # botocore's signing debug lines were logged
+    for signature in signatures:
+        assert signature not in text

@@ -356,6 +356,9 @@ def test_a_vault_token_never_appears() -> None:
         ),
         ("Action=Login&password=hunter2&user=bob", f"Action=Login&password={log.MASK}&user=bob"),
         ("https://x/?X-Amz-Signature=ab12&y=1", f"https://x/?X-Amz-Signature={log.MASK}&y=1"),
+        (f"Signature:\n{SIGNATURE}", f"Signature:\n{log.MASK}"),  # botocore.auth's debug line
+        (f"{{'Signature': '{SIGNATURE}'}}", f"{{'Signature': '{log.MASK}'}}"),
+        (f'{{"signature": "{SIGNATURE}"}}', f'{{"signature": "{log.MASK}"}}'),
         ("secret ABCDEFGHIJ0123456789ABCDEFGHIJ0123456789 end", f"secret {log.MASK} end"),
         (f"leaked {PLAIN_SECRET.reveal()}!", f"leaked {log.MASK}!"),
     ],
@@ -374,6 +377,8 @@ def test_redact_masks(text: str, expected: str) -> None:
         "secret_path=monitoring/watcher_1 token_ttl=3600",
         '{"token": null, "secret_id": ""}',
         "keys.AbCdEfGhIjKlMnOpQrStUvWxYz is not a token",
+        "verification outcome=not_yet detail=SignatureDoesNotMatch",
+        "set eim.signing_name: the request signature we calculated does not match",
     ],
 )
 def test_redact_keeps_what_operators_need(text: str) -> None:
