@@ -273,7 +273,8 @@ class PendingKey:
 
 @dataclass(frozen=True)
 class Intent:
-    """Written just before CreateAccessKey: a key created at or after ``started_at`` is ours.
+    """Written just before CreateAccessKey: the one new key IAM dates near ``started_at`` is
+    ours (``rotation.INTENT_WINDOW`` after it, ``rotation.MAX_CLOCK_SKEW`` before it).
 
     ``existing_ids`` are the keys IAM listed just before; none of them can be the orphan.
     """

@@ -24,7 +24,8 @@ RESOLVE_PENDING        pending key in IAM, not published                   verif
                                                                            NOT_YET: retry at
                                                                            backoff or delete
 DELETE_ORPHAN          the one key created within INTENT_WINDOW after an   IAM: delete
-                       intent marker, not tracked (secret lost in a crash)
+                       intent marker (or MAX_CLOCK_SKEW before it), not
+                       listed before it nor tracked (secret lost in a crash)
 DELETE_ORPHAN          key this rotator created that is no longer          IAM: delete
                        current, pending nor retiring
 CLEAR_INTENT           an intent marker with no pending key                state: intent=None
@@ -66,6 +67,10 @@ MAX_VERIFY_ATTEMPTS = 8
 # A key created for an intent appears within the CreateAccessKey call (timeouts and retries
 # included), so only keys created this soon after the marker can be its orphan.
 INTENT_WINDOW = timedelta(minutes=5)
+# How far rotator's clock may run ahead of IAM's: the orphan's create date is IAM's time, the
+# marker's started_at rotator's, so an orphan can look older than its marker by that much.
+# The keys listed before the marker (``existing_ids``) are excluded whatever their dates.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 FAILURE_BACKOFF_MAX = timedelta(hours=1)
 
 
@@ -194,7 +199,9 @@ def decide(
             if key.key_id not in tracked
             and key.key_id not in created
             and key.key_id not in state.intent.existing_ids
-            and started <= model.whole_seconds(key.created) <= started + INTENT_WINDOW
+            and started - MAX_CLOCK_SKEW
+            <= model.whole_seconds(key.created)
+            <= started + INTENT_WINDOW
         ]
         # One intent creates at most one key: with two candidates one is someone else's and
         # they cannot be told apart, so none is deleted (both stay, counted as foreign).

@@ -129,6 +129,36 @@ def test_key_created_after_the_intent_marker_is_an_orphan_and_deleted() -> None:
     ]
 
 
+def test_an_orphan_dated_before_its_marker_by_a_clock_ahead_of_iam_is_still_deleted() -> None:
+    # rotator's clock 3 s ahead of IAM's: the key IAM made for the intent looks older than it.
+    intent = model.Intent(T0, ("K1",))
+    state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
+    orphan = model.AccessKey("K9", A, T0 - timedelta(seconds=3))
+    d = rotation.decide([key("K1"), orphan], state, published("K1"), POLICY, T0)
+    assert [(a.kind, a.key_id) for a in d.actions] == [
+        (ActionKind.DELETE_ORPHAN, "K9"),
+        (ActionKind.CLEAR_INTENT, None),
+    ]
+
+
+def test_a_key_dated_before_the_marker_by_more_than_the_skew_is_foreign() -> None:
+    intent = model.Intent(T0, ("K1",))
+    state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
+    old = model.AccessKey("HAND", A, T0 - rotation.MAX_CLOCK_SKEW - timedelta(seconds=1))
+    d = rotation.decide([key("K1"), old], state, published("K1"), POLICY, T0)
+    assert kinds(d) == [ActionKind.CLEAR_INTENT]
+    assert d.foreign == ("HAND",)
+
+
+def test_a_key_listed_before_the_marker_is_never_its_orphan_whatever_its_date() -> None:
+    intent = model.Intent(T0, ("K1", "HAND"))
+    state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
+    hand = model.AccessKey("HAND", A, T0 - timedelta(seconds=3))
+    d = rotation.decide([key("K1"), hand], state, published("K1"), POLICY, T0)
+    assert ActionKind.DELETE_ORPHAN not in kinds(d)
+    assert d.foreign == ("HAND",)
+
+
 def test_key_created_before_the_intent_is_foreign_not_orphan() -> None:
     intent = model.Intent(T0, ("K1", "HAND"))
     state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
