@@ -733,15 +733,16 @@ class Engine:
         spec = p.spec
         key = model.NewKey(pending.key_id, pending.secret, pending.created)
         self._check_stop(p)
+        base = p.published
         try:
-            p.published = self._store.write_published(spec.secret_path, key, p.published)
+            p.published = self._store.write_published(spec.secret_path, key, base)
         except errors.VaultConflict:
             # someone edited the secret since we read it: keep their fields, write again once
-            p.published = self._store.read_published(spec.secret_path)
-            p.published = self._store.write_published(spec.secret_path, key, p.published)
+            base = self._store.read_published(spec.secret_path)
+            p.published = self._store.write_published(spec.secret_path, key, base)
         now = self._clock.now()
         old = p.state.current
-        p.state = rotation.promote(p.state, pending, spec.policy, now)
+        p.state = rotation.promote(p.state, pending, spec.policy, now, replaced=base.access_key_id)
         p.rotated = True
         p.state = self._outcome(p)  # one state write for the promotion and the pass's outcome
         log.info(

@@ -383,14 +383,31 @@ def failure_backoff(failures: int, policy: Policy) -> timedelta:
 
 
 def promote(
-    state: model.TargetState, pending: model.PendingKey, policy: Policy, now: datetime
+    state: model.TargetState,
+    pending: model.PendingKey,
+    policy: Policy,
+    now: datetime,
+    *,
+    replaced: str | None = None,
 ) -> model.TargetState:
-    """The state once ``pending`` is published: it becomes current, the old current retires."""
+    """The state once ``pending`` is published: it becomes current, the old current retires.
+
+    ``replaced`` is the key that was published until now. Consumers may still be reading it, so
+    it stays Active a full grace from now, also when it was retiring already (an adopted key
+    that was published: its grace counted from the adoption, and it was protected since).
+    """
     retiring = list(state.retiring)
     old = state.current
     if old is not None and old.key_id != pending.key_id:
         retiring = [r for r in retiring if r.key_id != old.key_id]
         retiring.append(model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace))
+    if replaced is not None and replaced != pending.key_id:
+        retiring = [
+            model.RetiringKey(r.key_id, retire_at=max(r.retire_at, now + policy.grace))
+            if r.key_id == replaced and r.deactivated_at is None
+            else r
+            for r in retiring
+        ]
     return state.replace(
         current=model.CurrentKey(
             key_id=pending.key_id,

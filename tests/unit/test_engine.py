@@ -160,6 +160,34 @@ def test_adopted_foreign_key_is_retired_and_the_slot_freed() -> None:
     assert hand not in [k.key_id for k in w.iam.keys_of("watcher_1")]
 
 
+def test_an_adopted_key_that_was_published_stays_active_a_full_grace_after_replacement() -> None:
+    # A migration: consumers read a hand-made key K from Vault; the operator adopts it.
+    w = World()
+    w.iam.users["watcher_1"] = []
+    hand = w.iam.add_foreign_key("watcher_1")
+    found = w.iam._find("watcher_1", hand)
+    w.vault.write_published(
+        PATH,
+        model.NewKey(hand, model.Secret(found.secret), found.created),
+        w.vault.read_published(PATH),
+    )
+    w.engine.adopt(SPEC, hand)
+    found.foreign = False  # the operator handed it over
+    w.clock.advance(minutes=3)  # longer than grace: K's own retire_at is past, K is protected
+
+    w.run()  # the first key of rotator's own is published: K is replaced now
+    replaced_at = w.clock.now()
+    w.clock.advance(seconds=30)
+    w.run()
+
+    assert w.vault.published_id(PATH) != hand
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.ACTIVE  # grace from now
+    left = POLICY.grace - (w.clock.now() - replaced_at)
+    w.clock.advance(seconds=left.total_seconds() + 1)
+    w.run()
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.INACTIVE
+
+
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
     w = World()
     w.run()
