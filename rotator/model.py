@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from rotator import errors
 
@@ -127,12 +127,27 @@ def format_time(value: datetime) -> str:
     return utc(value).isoformat().replace("+00:00", "Z")
 
 
+# Times outside these years are no time rotator wrote: adding a max_age to them could overflow.
+_YEARS: Final = range(1970, 9000)
+
+
 def parse_time(text: str) -> datetime:
-    """Parse RFC 3339 / ISO 8601; a timestamp without a zone is UTC (never the host's zone)."""
+    """Parse RFC 3339 / ISO 8601; a timestamp without a zone is UTC (never the host's zone).
+
+    Anything else, a time before 1970 or after 8999 included, is a ValueError.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a time string")
     value = text.strip()
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
-    return utc(datetime.fromisoformat(value))
+    try:
+        parsed = utc(datetime.fromisoformat(value))
+    except OverflowError:  # in UTC the time falls outside datetime's years
+        raise ValueError(f"time {text!r} is out of range") from None
+    if parsed.year not in _YEARS:
+        raise ValueError(f"time {text!r} is out of range")
+    return parsed
 
 
 def _opt_time(value: Any) -> datetime | None:
@@ -437,7 +452,8 @@ class TargetState:
                 failures=int(out.get("failures") or 0),
                 retry_after=_opt_time(out.get("retry_after")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # Any shape other than the one written (a hand edit, another tool): never a crash.
             raise errors.StateSchemaError(
                 f"rotator state is malformed ({type(exc).__name__} on {exc}): "
                 "inspect it with `rotator status`; restore a previous KV version if needed"
