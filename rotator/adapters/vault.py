@@ -518,7 +518,11 @@ class VaultStore:
                 if _missing_route(exc):
                     raise
                 # A 404 with metadata is a deleted or destroyed version; without, no secret.
-                return exc.json if isinstance(exc.json, dict) else {}
+                # KV v2 says nothing more; another engine's "unsupported path" is no answer.
+                body = exc.json if isinstance(exc.json, dict) else {}
+                if "data" not in body and any(exc.errors or ()):
+                    raise self._not_kv_v2() from None
+                return body
 
         body = _mapping(self._call(op, call)).get("data")
         if body is None:

@@ -376,6 +376,29 @@ def test_a_mount_that_does_not_exist_is_named_with_the_fix(make_store: MakeStore
         assert "kv-v2" in str(exc)
 
 
+def test_reads_on_a_transit_mount_say_it_is_not_kv_v2_instead_of_finding_no_secret(
+    make_store: MakeStore, vault: VaultFixture
+) -> None:
+    # A read on a mount of another kind must not look like "no state yet": `status` showed the
+    # target due for its first key. (A KV v1 mount answers a missing path as KV v2 does; its
+    # first write says so, and `check` at start.)
+    other = f"{vault.mount}-other"
+    root = vault.client()
+    root.sys.enable_secrets_engine(backend_type="transit", path=other)
+    try:
+        store = make_store(mount=other)
+        with pytest.raises(errors.VaultError) as on_state:
+            store.read_state("monitoring")
+        with pytest.raises(errors.VaultError) as on_secret:
+            store.read_published("team/app")
+    finally:
+        root.sys.disable_secrets_engine(path=other)
+
+    for exc in (on_state.value, on_secret.value):
+        assert "not KV version 2" in str(exc)
+        assert f"{other}/" in str(exc)
+
+
 def test_check_rejects_a_kv_version_1_mount(make_store: MakeStore, vault: VaultFixture) -> None:
     v1_mount = f"{vault.mount}-v1"
     root = vault.client()
