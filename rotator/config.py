@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from datetime import date, timedelta
 from pathlib import Path
@@ -51,6 +52,20 @@ from rotator.model import Secret
 
 CREDENTIAL_PREFIX = "credential:"
 POLICY_MAX_CHARS = 5120  # EIM's limit on a policy document, whitespace removed
+# Bounds on what is read whole: a file name pointing at /dev/zero or a huge file must give an
+# error, not a hang or an out-of-memory kill. Each is far above any real file of its kind.
+CONFIG_FILE_MAX_CHARS = 16 * 1024 * 1024  # a fleet of many thousand targets
+POLICY_FILE_MAX_CHARS = 64 * 1024  # 5120 characters of JSON, however indented
+SECRET_FILE_MAX_CHARS = 64 * 1024  # a key pair, a Vault token, a service account JWT
+POLICY_MAX_DEPTH = 32  # a real policy nests 4 or 5 levels
+# Every duration is at most ten years: longer ones overflow date arithmetic (now + max_age
+# past the year 9999) and are a typo anyway.
+MAX_DURATION = timedelta(days=3650)
+MAX_DURATION_TEXT = "3650d (10 years)"
+# Key slots per user: OUTSCALE allows up to 10 access keys per user (or the account's quota),
+# AWS and moto 2; 100 leaves room for any quota while keeping slot arithmetic sane.
+MAX_KEYS_LIMIT = 100
+REGION_MAX_CHARS = 63  # the region is one DNS label of the derived endpoint
 DEFAULT_K8S_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 _ERROR_TYPE = "rotator_config"
@@ -85,19 +100,30 @@ def _duration_hint(text: str) -> str:
 
 
 def parse_duration(text: str) -> timedelta:
-    """``500ms``, ``90s``, ``1h30m``... as a positive timedelta; ValueError with a hint if not."""
+    """``500ms``, ``90s``, ``1h30m``... as a positive timedelta of at most MAX_DURATION;
+    ValueError with a hint if not."""
     value = text.strip()
     match = _DURATION_RE.fullmatch(value)
     if not value or match is None:
         raise ValueError(_duration_hint(text))
-    total = timedelta(0)
+    # Summed as whole milliseconds: a timedelta overflows (OverflowError) on huge amounts.
+    total_ms = 0
     for unit, size in _UNITS:
         amount = match.group(unit)
         if amount is not None:
-            total += int(amount) * size
-    if total <= timedelta(0):
+            if len(amount) > 15:  # past any bound, and int() refuses over 4300 digits
+                raise ValueError(_too_long(text))
+            total_ms += int(amount) * (size // timedelta(milliseconds=1))
+    if total_ms <= 0:
         raise ValueError(f"duration '{text}' must be greater than zero")
-    return total
+    if total_ms > MAX_DURATION // timedelta(milliseconds=1):
+        raise ValueError(_too_long(text))
+    return timedelta(milliseconds=total_ms)
+
+
+def _too_long(text: str) -> str:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return f"duration '{shown}' is too long: use at most {MAX_DURATION_TEXT}"
 
 
 def format_duration(value: timedelta) -> str:
@@ -124,6 +150,8 @@ def _duration_value(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         if value <= timedelta(0):
             raise ValueError(f"duration '{format_duration(value)}' must be greater than zero")
+        if value > MAX_DURATION:
+            raise ValueError(_too_long(format_duration(value)))
         return value
     if isinstance(value, str):
         return parse_duration(value)
@@ -261,6 +289,11 @@ def _check_policy_path(value: str) -> str:
 
 
 def _check_region(value: str) -> str:
+    if len(value) > REGION_MAX_CHARS:
+        raise ValueError(
+            f"region {_show(value)} is {len(value)} characters long: a region name has at most "
+            f"{REGION_MAX_CHARS} (such as eu-west-2 or cloudgouv-eu-west-1)"
+        )
     if not _REGION_RE.fullmatch(value):
         raise ValueError(
             f"invalid region '{value}': use a region name such as eu-west-2 or us-east-1"
@@ -384,6 +417,11 @@ def _check_max_keys(value: int) -> int:
             f"max_keys is {value} but must be at least 2: one slot for the new key while the "
             "current one stays valid"
         )
+    if value > MAX_KEYS_LIMIT:
+        raise ValueError(
+            f"max_keys is {_show(value)} but must be at most {MAX_KEYS_LIMIT}: it is the number "
+            "of access keys the user may hold (OUTSCALE allows up to 10 per user, AWS 2)"
+        )
     return value
 
 
@@ -407,18 +445,28 @@ def _json_path(parent: str, key: str | int) -> str:
     return f"{parent}.{key}" if parent else key
 
 
-def _check_json_values(value: Any, where: str) -> None:
-    """Refuse what YAML produces but JSON cannot hold (dates, non-string keys, NaN)."""
+def _too_deep() -> ValueError:
+    return ValueError(
+        f"the policy document is nested too deeply: at most {POLICY_MAX_DEPTH} levels of "
+        "objects and lists (a policy needs 4 or 5)"
+    )
+
+
+def _check_json_values(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse what YAML produces but JSON cannot hold (dates, non-string keys, NaN), and
+    nesting deeper than POLICY_MAX_DEPTH (json.dumps would hit the recursion limit)."""
+    if isinstance(value, Mapping | list | tuple) and depth >= POLICY_MAX_DEPTH:
+        raise _too_deep()
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueError(
                     f"policy document key {key!r} at {where or 'the top'} is not a string: quote it"
                 )
-            _check_json_values(item, _json_path(where, key))
+            _check_json_values(item, _json_path(where, key), depth + 1)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _check_json_values(item, _json_path(where, index))
+            _check_json_values(item, _json_path(where, index), depth + 1)
     elif isinstance(value, date):
         raise ValueError(
             f"policy document value {where} is a date in YAML: quote it, for example "
@@ -472,10 +520,27 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _parse_int(text: str) -> int:
+    if len(text) > 100:  # int() refuses over 4300 digits, with advice that does not apply here
+        raise ValueError(f"a number of {len(text)} digits is too long: shorten it")
+    return int(text)
+
+
+def _read_bounded(file: Path, limit: int) -> str | None:
+    """The text of ``file``, or None if it is longer than ``limit`` characters.
+
+    Never reads more than ``limit + 1`` characters: ``/dev/zero`` or a huge file is refused
+    at once instead of hanging or filling memory (st_size is 0 for devices and pipes).
+    """
+    with file.open(encoding="utf-8") as stream:
+        text = stream.read(limit + 1)
+    return None if len(text) > limit else text
+
+
 def _read_policy_file(path: Path) -> Any:
     try:
         file = resolve_file(path, "")
-        text = file.read_text(encoding="utf-8")
+        text = _read_bounded(file, POLICY_FILE_MAX_CHARS)
     except errors.ConfigError as exc:
         raise ValueError(exc.message) from None
     except OSError as exc:
@@ -485,8 +550,19 @@ def _read_policy_file(path: Path) -> Any:
         ) from None
     except UnicodeDecodeError:
         raise ValueError(f"the policy document {path} is not UTF-8 text") from None
+    if text is None:
+        raise ValueError(
+            f"the policy document {path} is too long: more than {POLICY_FILE_MAX_CHARS} "
+            f"characters, where EIM accepts at most {POLICY_MAX_CHARS} without whitespace; "
+            "shorten it"
+        )
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        document = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise ValueError(
+            f"the policy document {path} is nested too deeply: at most {POLICY_MAX_DEPTH} "
+            "levels of objects and lists (a policy needs 4 or 5)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"the policy document {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
@@ -894,11 +970,35 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _marked(construct: Any, problem: str) -> Any:
+    """A PyYAML constructor whose ValueError becomes a ConstructorError with the value's line."""
+
+    def constructor(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return construct(loader, node)
+        except ValueError as exc:
+            detail = problem.format(value=_show(node.value), error=exc)
+            raise yaml.constructor.ConstructorError(None, None, detail, node.start_mark) from None
+
+    return constructor
+
+
+# The two scalar constructors that raise ValueError on text their pattern accepts.
+for _tag, _problem in (
+    ("int", "{value} is a number too long to read: shorten it"),  # int() refuses 4300+ digits
+    ("timestamp", "{value} is not a valid date ({error}): fix it, or quote it"),  # 2024-02-30
+):
+    _Loader.add_constructor(
+        f"tag:yaml.org,2002:{_tag}",
+        _marked(_SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"], _problem),
+    )
+
+
 def load(path: str | os.PathLike[str]) -> Settings:
     """Read, validate and freeze the config file; any problem is one ConfigError."""
     source = Path(path).absolute()
     try:
-        text = source.read_text(encoding="utf-8")
+        text = _read_bounded(source, CONFIG_FILE_MAX_CHARS)
     except FileNotFoundError:
         raise errors.ConfigError(
             "", f"config file {source} does not exist: give its path with -c or ROTATOR_CONFIG"
@@ -909,6 +1009,12 @@ def load(path: str | os.PathLike[str]) -> Settings:
         ) from None
     except UnicodeDecodeError:
         raise errors.ConfigError("", f"config file {source} is not UTF-8 text") from None
+    if text is None:
+        raise errors.ConfigError(
+            "",
+            f"config file {source} is longer than {CONFIG_FILE_MAX_CHARS} characters: "
+            "give the path of the rotator's YAML config",
+        )
     try:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
@@ -921,6 +1027,10 @@ def load(path: str | os.PathLike[str]) -> Settings:
     except yaml.YAMLError as exc:
         raise errors.ConfigError(
             "", _one_line(f"config file {source} is not valid YAML: {exc}")
+        ) from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # a constructor not wrapped above
+        raise errors.ConfigError(
+            "", _one_line(f"config file {source} holds a value YAML cannot read: {exc}")
         ) from None
     if raw is None:
         raise errors.ConfigError(
@@ -946,12 +1056,19 @@ def load(path: str | os.PathLike[str]) -> Settings:
 def _read_text(path: str | os.PathLike[str], key_path: str) -> tuple[Path, str]:
     file = resolve_file(path, key_path)
     try:
-        return file, file.read_text(encoding="utf-8")
+        text = _read_bounded(file, SECRET_FILE_MAX_CHARS)
     except OSError as exc:
         raise errors.ConfigError(key_path, f"cannot read {file}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         # Never show the decoding error: it quotes the file's bytes.
         raise errors.ConfigError(key_path, f"{file} is not UTF-8 text") from None
+    if text is None:
+        raise errors.ConfigError(
+            key_path,
+            f"{file} is longer than {SECRET_FILE_MAX_CHARS} characters: give the file that "
+            "holds only the secret",
+        )
+    return file, text
 
 
 def read_secret_file(path: str | os.PathLike[str], key_path: str) -> Secret:
@@ -1003,6 +1120,33 @@ def read_eim_credentials(settings: EimSettings) -> tuple[str, Secret] | None:
         if not values.get(name):
             raise errors.ConfigError(key_path, f"{file} has no {name}: add a line '{name} = ...'")
     return values[_ACCESS_KEY_ID], Secret(values[_SECRET_ACCESS_KEY])
+
+
+def check_ca_file(path: str | os.PathLike[str], key_path: str = "vault.ca_file") -> Path:
+    """The CA bundle to verify Vault's certificate with, once it is known to be readable.
+
+    Checked where it is used (at start, at each reload, by check-config), not at load: like
+    the secret files, it may be a systemd credential or a file mounted only in the pod.
+    A directory of hashed certificates (``c_rehash``) is accepted, as requests accepts it.
+    """
+    file = resolve_file(path, key_path)
+    fix = "give the PEM file of the CA that signed Vault's certificate, or remove the key"
+    try:
+        mode = file.stat().st_mode
+        if stat.S_ISDIR(mode):
+            next(file.iterdir(), None)  # a directory we cannot list is an error now, not later
+        elif stat.S_ISREG(mode):  # checked before opening: a FIFO would block the open
+            with file.open("rb") as stream:
+                stream.read(1)
+        else:
+            raise errors.ConfigError(key_path, f"{file} is not a regular file: {fix}")
+    except FileNotFoundError:
+        raise errors.ConfigError(key_path, f"{file} does not exist: {fix}") from None
+    except OSError as exc:
+        raise errors.ConfigError(
+            key_path, f"cannot read {file}: {exc.strerror or exc}; {fix}"
+        ) from None
+    return file
 
 
 def read_vault_token(settings: VaultSettings) -> Secret:
@@ -1146,6 +1290,7 @@ __all__ = [
     "Timing",
     "VaultAuthSettings",
     "VaultSettings",
+    "check_ca_file",
     "format_duration",
     "format_key_path",
     "load",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1263,3 +1264,229 @@ def test_a_typo_in_a_required_key_names_the_typo_not_the_missing_key(tmp_path: P
     error = rejected(tmp_path, data)
     assert error.path == "targets[0].secretpath"
     assert "did you mean 'secret_path'" in error.message
+
+
+# --- bounds: what would overflow, recurse or hang later is refused at load -------------------
+
+
+def _duration_keys(model: type[pydantic.BaseModel], prefix: str) -> list[str]:
+    """Every duration key under ``model``, as a dotted path (``targets.0`` for list items)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if "timedelta" in str(field.annotation):
+            keys.append(path)
+        nested = config._model_in(field.annotation)
+        if nested is not None:
+            keys += _duration_keys(nested, f"{path}.0" if name == "targets" else path)
+    return keys
+
+
+DURATION_KEYS = _duration_keys(config.Settings, "")
+
+
+def test_every_duration_key_is_found_for_the_bound_tests() -> None:
+    assert {"eim.read_timeout", "vault.lock_ttl", "vault.timeout"} <= set(DURATION_KEYS)
+    assert {f"defaults.{k}" for k in ("check_interval", "max_age", "identity_check_interval")} <= (
+        set(DURATION_KEYS)
+    )
+    assert "targets.0.inactive_period" in DURATION_KEYS
+    assert len(DURATION_KEYS) == 4 + 2 * 6  # eim 2, vault 2, six timing keys twice
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1000000000d", "3651d", "9" * 5000 + "ms"])
+@pytest.mark.parametrize("dotted", DURATION_KEYS)
+def test_every_duration_key_refuses_more_than_ten_years_naming_the_key(
+    tmp_path: Path, dotted: str, text: str
+) -> None:
+    data = base()
+    put(data, dotted, text)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted.replace(".0.", "[0].")
+    assert "too long: use at most 3650d (10 years)" in error.message
+    assert len(error.message) < 200
+
+
+def test_ten_years_is_the_longest_duration_and_dates_stay_in_range(tmp_path: Path) -> None:
+    data = base()
+    data["defaults"] = {"max_age": "3650d", "max_keys": 100}
+
+    timing = load(tmp_path, data).targets[0].timing
+
+    assert config.parse_duration("3650d") == config.MAX_DURATION == timedelta(days=3650)
+    assert config.parse_duration("520w") == timedelta(weeks=520)
+    assert timing.max_age == timedelta(days=3650)
+    # the furthest date the slot rule and the engine compute is far from datetime's end
+    assert datetime(2100, 1, 1, tzinfo=UTC) + 99 * timing.max_age < datetime.max.replace(tzinfo=UTC)
+
+
+def test_a_duration_object_longer_than_ten_years_is_refused_too() -> None:
+    with pytest.raises(pydantic.ValidationError, match="at most 3650d"):
+        config.Timing(max_age=timedelta(days=3651))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "fragment"),
+    [
+        ("defaults.max_keys", 99999999999999999999999, "at most 100"),
+        ("targets.0.max_keys", 101, "at most 100"),
+        ("workers", 99999999999999999999999, "less than or equal to 64"),
+        ("eim.max_attempts", 99999999999999999999999, "less than or equal to 20"),
+    ],
+)
+def test_huge_whole_numbers_are_refused_naming_the_key(
+    tmp_path: Path, dotted: str, value: int, fragment: str
+) -> None:
+    data = base()
+    put(data, dotted, value)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted.replace(".0.", "[0].")
+    assert fragment in error.message
+
+
+def test_a_number_too_long_for_python_is_a_yaml_error_with_its_line(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base()) + "workers: " + "9" * 5000 + "\n"
+
+    error = rejected(tmp_path, text)
+
+    assert "is a number too long to read: shorten it" in error.message
+    assert "line " in error.message and len(error.message) < 300
+
+
+def test_an_impossible_unquoted_date_is_a_yaml_error_with_its_line(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base()) + "defaults: {max_age: 2024-02-30}\n"
+
+    error = rejected(tmp_path, text)
+
+    assert "'2024-02-30' is not a valid date" in error.message
+    assert "quote it" in error.message and f"line {len(text.splitlines())}," in error.message
+
+
+def _policy_target(data: dict[str, Any], policy: dict[str, Any]) -> None:
+    data["targets"][0].update(group="g", policy={"name": "p", **policy})
+
+
+@pytest.mark.parametrize("depth", [100, 2000])
+def test_a_policy_file_nested_too_deeply_is_refused_naming_document_file(
+    tmp_path: Path, depth: int
+) -> None:
+    (tmp_path / "deep.json").write_text('{"Statement": ' + "[" * depth + "]" * depth + "}")
+    data = base()
+    _policy_target(data, {"document_file": "deep.json"})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document_file"
+    assert "nested too deeply" in error.message
+
+
+def test_an_inline_policy_nested_too_deeply_is_refused_naming_document(tmp_path: Path) -> None:
+    nested: Any = ["ec2:Describe*"]
+    for _ in range(40):
+        nested = [nested]
+    data = base()
+    _policy_target(data, {"document": {"Statement": nested}})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document"
+    assert "nested too deeply" in error.message
+
+
+@pytest.mark.timeout(10)
+def test_a_policy_file_that_never_ends_is_refused_as_too_long(tmp_path: Path) -> None:
+    data = base()
+    _policy_target(data, {"document_file": "/dev/zero"})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document_file"
+    assert "/dev/zero is too long" in error.message and "5120" in error.message
+
+
+def test_a_pretty_printed_policy_file_within_the_eim_limit_is_accepted(tmp_path: Path) -> None:
+    document = {
+        "Statement": [{"Effect": "Allow", "Action": [f"ec2:Describe{i:04}" for i in range(200)]}]
+    }
+    text = json.dumps(document, indent=40)
+    assert len(text) > 5120 * 2 and len(json.dumps(document, separators=(",", ":"))) < 5120
+    (tmp_path / "p.json").write_text(text)
+    data = base()
+    _policy_target(data, {"document_file": "p.json"})
+
+    policy = load(tmp_path, data).targets[0].policy
+
+    assert policy is not None and policy.document == document
+
+
+@pytest.mark.timeout(10)
+def test_a_config_file_that_never_ends_is_refused_as_too_long() -> None:
+    with pytest.raises(errors.ConfigError, match="/dev/zero is longer than 16777216 characters"):
+        config.load("/dev/zero")
+
+
+@pytest.mark.timeout(10)
+def test_a_secret_file_that_never_ends_is_refused_as_too_long(tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigError, match="longer than 65536 characters") as info:
+        config.read_secret_file("/dev/zero", "vault.auth.token_file")
+    assert info.value.path == "vault.auth.token_file"
+
+
+def test_a_region_longer_than_a_dns_label_is_refused(tmp_path: Path) -> None:
+    data = base()
+    data["eim"] = {"region": "a" * 5000}
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "eim.region"
+    assert "5000 characters long" in error.message and "at most 63" in error.message
+    assert len(error.message) < 200  # the value is shortened, not echoed whole
+
+
+def test_a_region_of_63_characters_is_accepted(tmp_path: Path) -> None:
+    data = base()
+    data["eim"] = {"region": "cloudgouv-eu-west-1" + "-a" * 22}
+
+    assert len(load(tmp_path, data).eim.region) == 63
+
+
+def test_a_missing_ca_file_is_named_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigError) as info:
+        config.check_ca_file(tmp_path / "nope.pem")
+
+    assert info.value.path == "vault.ca_file"
+    assert "does not exist" in info.value.message and "PEM file" in info.value.message
+
+
+@pytest.mark.timeout(10)
+def test_a_ca_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(errors.ConfigError, match="not a regular file"):
+            config.check_ca_file(path)
+
+
+def test_a_readable_ca_file_or_certificate_directory_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+
+    assert config.check_ca_file(tmp_path / "ca.pem") == tmp_path / "ca.pem"
+    assert config.check_ca_file(tmp_path) == tmp_path
+
+
+def test_a_policy_file_with_a_number_too_long_for_python_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text(
+        '{"Statement": [{"Effect": "Allow", "Action": "*", "X": ' + "9" * 5000 + "}]}"
+    )
+    data = base()
+    _policy_target(data, {"document_file": "p.json"})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document_file"
+    assert "a number of 5000 digits is too long: shorten it" in error.message
+    assert "set_int_max_str_digits" not in error.message
