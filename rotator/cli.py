@@ -14,8 +14,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 import rotator
 from rotator import config, daemon, engine, errors, log, model
+
+logger = structlog.get_logger("rotator.cli")
 
 DEFAULT_CONFIG = "/etc/rotator/rotator.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -134,10 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run":
             return _passes(runtime, list(runtime.specs), force=False)
         if command == "rotate":
-            _check_targets(args.targets, runtime)
+            targets = list(dict.fromkeys(args.targets))  # one pass per target, even if named twice
+            _check_targets(targets, runtime)
             # a replica working on the target holds its lease: wait up to two leases for it
             wait = 2 * settings.vault.lock_ttl.total_seconds()
-            return _passes(runtime, args.targets, force=True, lock_wait=wait)
+            return _passes(runtime, targets, force=True, lock_wait=wait)
         if command == "status":
             return _status(runtime, as_json=args.json)
         if command == "adopt":
@@ -155,7 +160,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except Exception as exc:  # the last resort: a bug gets one line, never a traceback
+        return _internal_error(exc)
     raise AssertionError(f"unhandled command {args.command}")  # argparse limits the choices
+
+
+def _internal_error(exc: Exception) -> int:
+    # The traceback goes to the log at debug level (logging.level: debug shows it, redacted);
+    # before the config is loaded no log is set up and structlog's default would print it.
+    if structlog.is_configured():
+        logger.debug("internal_error", exc_info=exc)
+    message = log.redact(" ".join(f"{type(exc).__name__}: {exc}".split()))
+    print(
+        f"rotator: internal error: {message} (a bug: please report it with the debug log)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 class UsageError(errors.RotatorError):
@@ -170,7 +190,8 @@ def _check_targets(names: Sequence[str], runtime: daemon.Runtime) -> None:
 
 
 def _check_secret_files(settings: config.Settings) -> list[str]:
-    """Read every secret file the config names (never printing them), as `run` would.
+    """Read every secret file the config names (never printing them), as `run` would, and
+    check the CA bundle (``vault.ca_file``), which is also read only where it is used.
 
     ``credential:NAME`` files exist only inside the systemd unit: outside it they are noted,
     not failed. Returns those notes.
@@ -203,6 +224,9 @@ def _check_secret_files(settings: config.Settings) -> list[str]:
                 ),
             )
         )
+    ca_file = settings.vault.ca_file
+    if ca_file is not None:
+        readers.append(("vault.ca_file", ca_file, lambda: config.check_ca_file(ca_file)))
     for key, value, read in readers:
         if str(value or "").startswith("credential:") and not os.environ.get(
             "CREDENTIALS_DIRECTORY"

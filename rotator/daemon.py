@@ -6,7 +6,8 @@ It turns settings into adapters and target specs, runs one APScheduler job per t
 (keeping the old one if the new one is invalid). The only importer of apscheduler.
 
 This is one of the two places that catch broadly (per job): a failing job is logged with its
-traceback, counted, and the other targets go on.
+traceback, counted, and the other targets go on. A reload catches broadly too: whatever makes
+it fail, the running config is kept and the failure logged and counted.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def _required(credentials: tuple[str, model.Secret] | None) -> tuple[str, model.
 
 def build_store(settings: config.VaultSettings) -> vault.VaultStore:
     """The Vault adapter. Secret files are re-read at each login (rotated files are picked up)
-    and read once here too, so a missing or empty file fails at start, naming its key."""
+    and read once here too, so a missing or empty file fails at start, naming its key; so
+    does a missing or unreadable ``ca_file``."""
     auth_settings = settings.auth
     auth: vault.TokenAuth | vault.AppRoleAuth | vault.KubernetesAuth
     source: Callable[[], model.Secret]
@@ -191,9 +193,7 @@ def build_store(settings: config.VaultSettings) -> vault.VaultStore:
         auth=auth,
         mount=settings.mount,
         state_path=settings.state_path,
-        ca_file=None
-        if settings.ca_file is None
-        else str(config.resolve_file(settings.ca_file, "vault.ca_file")),
+        ca_file=None if settings.ca_file is None else str(config.check_ca_file(settings.ca_file)),
         namespace=settings.namespace,
         timeout=settings.timeout.total_seconds(),
     )
@@ -245,8 +245,11 @@ def run_passes(
     lock_wait: float = 0.0,
     on_report: Callable[[model.PassReport], None] | None = None,
 ) -> list[model.PassReport]:
-    """One pass over each named target, ``workers`` at a time; one failure never stops others."""
-    specs = [runtime.specs[name] for name in names]
+    """One pass over each named target, ``workers`` at a time; one failure never stops others.
+
+    A name given twice gets one pass: two at once would race each other for the target's lock.
+    """
+    specs = [runtime.specs[name] for name in dict.fromkeys(names)]
     workers = max(1, min(runtime.settings.workers, len(specs)))
 
     def one(spec: engine.TargetSpec) -> model.PassReport:
@@ -369,8 +372,16 @@ class Daemon:
         try:
             settings = config.load(self._config_path)
             runtime = build_runtime(settings, self._clock)
-        except errors.ConfigError as exc:
-            logger.error("config_reload_failed", error=str(exc), kept="the running config")
+        except Exception as exc:  # a reload must never end the daemon: keep the running config
+            if isinstance(exc, errors.ConfigError):
+                logger.error("config_reload_failed", error=str(exc), kept="the running config")
+            else:  # a bug: say so, with the traceback (the log pipeline redacts it)
+                logger.error(
+                    "config_reload_failed",
+                    error=f"internal error: {type(exc).__name__}: {exc}",
+                    kept="the running config",
+                    exc_info=True,
+                )
             self._metrics.record_error("", "config")
             self._metrics.record_reload(False)
             self._notifier.ready("config reload failed: kept the running config")

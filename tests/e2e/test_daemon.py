@@ -175,3 +175,52 @@ def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     assert "config_reloaded" in err.read_text()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_sighup_with_a_duration_too_long_for_dates_keeps_the_daemon_running(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    port = servers.free_port()
+    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=daemon_env,
+        )
+    started.append(process)
+    wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
+
+    cfg.write_text(cfg.read_text().replace("grace: 2s", "grace: 99999999999d"))
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config_reload_failed" in err.read_text(), 30, "the failed reload", process)
+
+    assert process.poll() is None
+    assert "defaults.grace" in err.read_text() and "at most 3650d" in err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert http_status(port, "/healthz") == 200
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_rotate_with_a_target_named_twice_rotates_it_once(
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
+) -> None:
+    cfg = write_config(tmp_path, iam_admin, vault, servers.free_port(), max_age="1h")
+    once = run_rotator(cfg, daemon_env, "run", "--once")
+    assert once.returncode == 0, once.stderr
+    first = vault.read_raw("monitoring/watcher_1")["access_key_id"]
+
+    forced = run_rotator(cfg, daemon_env, "rotate", "monitoring", "monitoring")
+
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert forced.stdout.count("monitoring: rotated") == 1, forced.stdout
+    assert forced.stdout.strip().count("\n") == 0
+    assert vault.read_raw("monitoring/watcher_1")["access_key_id"] != first

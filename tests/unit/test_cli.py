@@ -1,0 +1,225 @@
+"""rotator.cli: exit codes and one-line errors, without servers (nothing listens where the
+configs point: a pass fails at once, which is all these tests need)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rotator import cli, config, daemon, errors, log
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("VAULT_ADDR", "VAULT_TOKEN", "CREDENTIALS_DIRECTORY", "ROTATOR_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:  # what log.configure added
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def write_config(directory: Path, level: str = "info", **defaults: Any) -> Path:
+    (directory / "token").write_text("a-vault-token\n")
+    data = {
+        "eim": {"endpoint": "http://127.0.0.1:9", "region": "us-east-1", "max_attempts": 1},
+        "vault": {"address": "http://127.0.0.1:9", "auth": {"token_file": "token"}},
+        "defaults": {"check_interval": "1m", "inactive_period": "1h", **defaults},
+        "targets": [{"name": "t1", "user": "u1", "secret_path": "p/t1"}],
+        "logging": {"format": "json", "level": level},
+    }
+    path = directory / "rotator.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_age", "99999999999d"), ("grace", "99999999999d"), ("max_keys", 10**23)],
+)
+def test_check_config_with_a_value_that_would_overflow_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: Any
+) -> None:
+    path = write_config(tmp_path, **{key: value})
+
+    code = cli.main(["check-config", "-c", str(path)])
+
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"rotator: config error: defaults.{key}: ")
+    assert "at most" in err and "Traceback" not in err
+
+
+def test_rotate_names_a_target_given_twice_once_and_runs_one_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+
+    code = cli.main(["rotate", "-c", str(path), "t1", "t1"])
+
+    out, _ = capsys.readouterr()
+    assert code == cli.EXIT_FAILED  # nothing listens at the Vault address
+    assert [line.split(":")[0] for line in out.splitlines()] == ["t1"]
+
+
+def test_run_passes_gives_a_name_given_twice_one_pass(tmp_path: Path) -> None:
+    runtime = daemon.build_runtime(config.load(write_config(tmp_path)), daemon.SystemClock())
+
+    reports = daemon.run_passes(runtime, ["t1", "t1", "t1"], force=True)
+
+    assert [r.target for r in reports] == ["t1"]
+
+
+def _boom(*_args: Any, **_kwargs: Any) -> Any:
+    raise RuntimeError(f"unexpected state\nwith aws_secret_access_key={SECRET} in it")
+
+
+def test_an_unexpected_error_is_one_redacted_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path)
+    monkeypatch.setattr(daemon, "target_specs", _boom)
+
+    code = cli.main(["check-config", "-c", str(path)])
+
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("rotator: internal error: RuntimeError: unexpected state with ")
+    assert err.endswith(" in it (a bug: please report it with the debug log)\n")
+    assert SECRET not in err and "Traceback" not in err
+
+
+def test_an_unexpected_error_before_logging_is_set_up_is_one_line_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "load", _boom)
+
+    code = cli.main(["check-config", "-c", str(tmp_path / "rotator.yaml")])
+
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    assert out == "" and err.count("\n") == 1 and "internal error: RuntimeError" in err
+    assert SECRET not in err
+
+
+def test_an_unexpected_error_logs_its_redacted_traceback_at_debug_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, level="debug")
+    monkeypatch.setattr(daemon, "target_specs", _boom)
+
+    code = cli.main(["check-config", "-c", str(path)])
+
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    [internal] = [e for e in events if e["event"] == "internal_error"]
+    assert internal["level"] == "debug"
+    assert "Traceback" in internal["exception"] and "_boom" in internal["exception"]
+    assert SECRET not in err
+    assert err.splitlines()[-1].startswith("rotator: internal error: RuntimeError: ")
+
+
+def test_a_keyboard_interrupt_still_exits_1_quietly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*_args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "load", interrupted)
+
+    assert cli.main(["check-config", "-c", str(tmp_path / "x.yaml")]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err == ""
+
+
+def test_check_config_names_a_missing_ca_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["vault"]["ca_file"] = "/nonexistent.pem"
+    path.write_text(yaml.safe_dump(data))
+
+    code = cli.main(["check-config", "-c", str(path)])
+
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE
+    assert err.startswith("rotator: config error: vault.ca_file: /nonexistent.pem does not exist")
+    assert err.count("\n") == 1
+
+
+def test_check_config_skipping_secret_files_notes_the_unchecked_ca_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["vault"]["ca_file"] = "/nonexistent.pem"
+    path.write_text(yaml.safe_dump(data))
+
+    code = cli.main(["check-config", "--skip-secret-files", "-c", str(path)])
+
+    assert code == cli.EXIT_OK
+    assert "secret files not read" in capsys.readouterr().out
+
+
+def test_a_missing_ca_file_fails_the_start_of_run_naming_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["vault"]["ca_file"] = "ca.pem"
+    path.write_text(yaml.safe_dump(data))
+    settings = config.load(path)
+
+    with pytest.raises(errors.ConfigError) as info:
+        daemon.build_runtime(settings, daemon.SystemClock())
+
+    assert info.value.path == "vault.ca_file"
+    assert str(tmp_path / "ca.pem") in info.value.message
+
+
+def test_a_reload_that_fails_unexpectedly_keeps_the_running_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path)
+    running = daemon.Daemon(str(path), config.load(path))
+    before = running._runtime
+    stream = io.StringIO()
+    log.configure(format="json", level="info", stream=stream)
+
+    def overflowing(*_args: Any) -> Any:
+        raise OverflowError(f"Python int too large to convert to C int (token={SECRET})")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(config, "load", overflowing)
+        running._reload()
+    with monkeypatch.context() as patch:
+        patch.setattr(daemon, "build_runtime", overflowing)
+        running._reload()
+
+    assert running._runtime is before
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = [e for e in events if e["event"] == "config_reload_failed"]
+    assert len(failed) == 2
+    assert all(e["level"] == "error" and "OverflowError" in e["error"] for e in failed)
+    assert all(e["kept"] == "the running config" for e in failed)
+    assert SECRET not in stream.getvalue()
+    registry = running._metrics.registry
+    errors_total = registry.get_sample_value(
+        "rotator_errors_total", {"target": "", "component": "config"}
+    )
+    reloads = registry.get_sample_value("rotator_config_reloads_total", {"result": "failure"})
+    assert errors_total == 2 and reloads == 2
+    before.store.close()
