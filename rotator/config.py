@@ -1149,6 +1149,13 @@ def check_ca_file(path: str | os.PathLike[str], key_path: str = "vault.ca_file")
     return file
 
 
+def vault_token_origin(settings: VaultSettings) -> str:
+    """Where :func:`read_vault_token` takes the token from, for messages."""
+    if os.environ.get("VAULT_TOKEN", "").strip():
+        return "$VAULT_TOKEN in rotator's environment (it wins over vault.auth.token_file)"
+    return f"vault.auth.token_file ({settings.auth.token_file})"
+
+
 def read_vault_token(settings: VaultSettings) -> Secret:
     """The static Vault token of auth method ``token``: VAULT_TOKEN, else ``auth.token_file``.
 

@@ -55,6 +55,7 @@ class TokenAuth:
     """
 
     token: SecretSource
+    origin: str = "VAULT_TOKEN or vault.auth.token_file"  # where the token comes from, for messages
 
     def current_token(self) -> model.Secret:
         return _current(self.token)
@@ -632,7 +633,7 @@ class VaultStore:
     def _token_source(self) -> str:
         auth = self._auth
         if isinstance(auth, TokenAuth):
-            return f"the token comes from VAULT_TOKEN or vault.auth.token_file: {_STATIC_AUTH_FIX}"
+            return f"the token comes from {auth.origin}: {_STATIC_AUTH_FIX}"
         if isinstance(auth, AppRoleAuth):
             return (
                 f"the token comes from AppRole login at auth/{auth.mount}: check the role's "

@@ -224,3 +224,23 @@ def test_rotate_with_a_target_named_twice_rotates_it_once(
     assert forced.stdout.count("monitoring: rotated") == 1, forced.stdout
     assert forced.stdout.strip().count("\n") == 0
     assert vault.read_raw("monitoring/watcher_1")["access_key_id"] != first
+
+
+def test_a_rejected_token_names_where_it_came_from(
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
+) -> None:
+    cfg = write_config(tmp_path, iam_admin, vault, servers.free_port())
+    from_env = run_rotator(cfg, {**daemon_env, "VAULT_TOKEN": "exported-in-the-shell"}, "status")
+    (tmp_path / "vault-token").write_text("not-a-token-vault-knows\n")
+    from_file = run_rotator(cfg, daemon_env, "status")
+
+    assert from_env.returncode == 1, from_env.stdout + from_env.stderr
+    assert "the token comes from $VAULT_TOKEN in rotator's environment" in from_env.stdout
+    assert from_file.returncode == 1, from_file.stdout + from_file.stderr
+    assert f"the token comes from vault.auth.token_file ({tmp_path / 'vault-token'})" in (
+        from_file.stdout
+    )
+    for done in (from_env, from_file):
+        assert "exported-in-the-shell" not in done.stdout + done.stderr
+        assert "not-a-token-vault-knows" not in done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
