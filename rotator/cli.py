@@ -109,11 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     adopt.add_argument("target", metavar="TARGET", help="the target whose user has the key")
     adopt.add_argument("key_id", metavar="KEY_ID", help="the foreign access key id")
     adopt.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    for command in sub.choices.values():  # so that main() can name the command's own usage
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:  # argparse would print the top-level usage: give the command's instead
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     path = args.config or os.environ.get("ROTATOR_CONFIG") or DEFAULT_CONFIG
     try:
         settings = config.load(path)

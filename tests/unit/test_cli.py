@@ -223,3 +223,23 @@ def test_a_reload_that_fails_unexpectedly_keeps_the_running_config(
     reloads = registry.get_sample_value("rotator_config_reloads_total", {"result": "failure"})
     assert errors_total == 2 and reloads == 2
     before.store.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["status", "--jsn"], "usage: rotator status "),
+        (["adopt", "t1", "AKIA", "extra"], "usage: rotator adopt "),
+        (["run", "--onse"], "usage: rotator run "),
+    ],
+)
+def test_an_unknown_argument_shows_the_usage_of_its_command(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+
+    err = capsys.readouterr().err
+    assert exited.value.code == cli.EXIT_USAGE
+    assert err.startswith(usage), err
+    assert f"unrecognized arguments: {argv[-1]}" in err
