@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -338,6 +339,9 @@ def assert_rotated_cleanly(run: Rotations, rotations: int, secrets: set[str]) ->
     assert consumer.secrets
     for secret in consumer.secrets | secrets:
         assert secret not in run.logs  # no message: it would print the secret
+    # botocore logs each request's SigV4 signature at debug level: masked, every one
+    assert '"logger": "botocore.auth"' in run.logs
+    assert not re.search(r"(?i)signature[\"']?\s*[:=]\s*(?:\\n)?\s*[0-9a-f]{64}", run.logs)
     summaries = [e for e in run.events if e.get("event") == "pass_summary"]
     assert summaries and all(e["target"] == "monitoring" for e in summaries), summaries
     assert any(e.get("event") == "daemon_stopped" for e in run.events)
