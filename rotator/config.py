@@ -243,6 +243,59 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
 _VAULT_PATH_BAD_CHARS = re.compile(r"[\s?#%\x00-\x1f\x7f]")
+_SIGNING_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?")
+_POLICY_PATH_RE = re.compile(r"/(?:[!-~]*/)?")  # EIM's pattern: printable ASCII, no space
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: in an HTTP
+# header they end or split it, in the SigV4 scope they break the signature, in a request body
+# they make a name that matches nothing.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _check_no_control(value: str) -> str:
+    """Free text that reaches the network (a header, a URL, a request body, the SigV4 scope):
+    refuse control characters, which YAML lets through in a quoted or block scalar."""
+    found = _CONTROL_CHARS.search(value)
+    if found is not None:
+        raise ValueError(
+            f"{_show(value)} holds the control character {found.group()!r} (position "
+            f"{found.start() + 1}): remove it; this value is sent to the server as is"
+        )
+    return value
+
+
+def _check_text(value: str) -> str:
+    """A name or id sent as is (``vault.namespace``, ``role``, ``role_id``): non-empty, no
+    control character, no whitespace around it (Vault would look up another name)."""
+    _check_nonempty(value)
+    _check_no_control(value)
+    if value != value.strip():
+        raise ValueError(
+            f"{_show(value)} starts or ends with whitespace: remove it, the server would "
+            "look up another name"
+        )
+    return value
+
+
+def _check_header_text(value: str) -> str:
+    """A value sent as an HTTP header (``X-Vault-Namespace``): printable ASCII."""
+    _check_text(value)
+    if not value.isascii():
+        raise ValueError(
+            f"{_show(value)} is sent as the HTTP header X-Vault-Namespace, which takes ASCII "
+            "only: use the namespace's ASCII path, such as admin/team"
+        )
+    return value
+
+
+def _check_signing_name(value: str) -> str:
+    _check_nonempty(value)
+    _check_no_control(value)
+    if not _SIGNING_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid signing name {_show(value)}: use a service name of letters, digits and "
+            "'-' as in the SigV4 scope, such as iam (the default) or eim (OUTSCALE's tools)"
+        )
+    return value
 
 
 def _check_target_name(value: str) -> str:
@@ -280,10 +333,16 @@ def _check_policy_name(value: str) -> str:
 
 
 def _check_policy_path(value: str) -> str:
+    _check_no_control(value)
     if not (1 <= len(value) <= 512 and value.startswith("/") and value.endswith("/")):
         raise ValueError(
             f"invalid policy path '{value}': use 1-512 characters starting and ending with '/', "
             "for example / or /rotator/"
+        )
+    if not _POLICY_PATH_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid policy path {_show(value)}: use printable ASCII without spaces between "
+            "the '/', for example /rotator/"
         )
     return value
 
@@ -317,6 +376,12 @@ def _check_vault_path(value: str) -> str:
 
 
 def _check_url(value: str) -> str:
+    # Before urlsplit, which silently drops tabs and newlines that the client would then send.
+    if _CONTROL_CHARS.search(value) or any(c.isspace() for c in value):
+        raise ValueError(
+            "the URL holds whitespace or a control character: remove it; write "
+            "http://host:port or https://host[:port]"
+        )
     parts = urlsplit(value)
     # Checked before the URL is echoed anywhere: it might carry a password.
     if "@" in parts.netloc:
@@ -329,9 +394,14 @@ def _check_url(value: str) -> str:
             "for example https://vault.example:8200"
         )
     try:
-        parts.port  # noqa: B018 - evaluated for its ValueError on a bad port
+        port = parts.port
     except ValueError:
         raise ValueError(f"invalid port in URL '{value}': use a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError(
+            f"port 0 in URL '{value}' cannot be connected to: use the server's port, a number "
+            "from 1 to 65535, or leave the port out for the scheme's default"
+        )
     if parts.query or parts.fragment:
         raise ValueError(f"invalid URL '{value}': remove the query ('?...') and fragment ('#...')")
     return value
@@ -431,7 +501,9 @@ GroupName = Annotated[str, AfterValidator(_check_group)]
 PolicyName = Annotated[str, AfterValidator(_check_policy_name)]
 VaultPath = Annotated[str, AfterValidator(_check_vault_path)]
 Url = Annotated[str, AfterValidator(_check_url)]
-NonEmpty = Annotated[str, AfterValidator(_check_nonempty)]
+Text = Annotated[str, AfterValidator(_check_text)]
+HeaderText = Annotated[str, AfterValidator(_check_header_text)]
+SigningName = Annotated[str, AfterValidator(_check_signing_name)]
 MaxKeys = Annotated[int, Field(strict=True), AfterValidator(_check_max_keys)]
 CronExpression = Annotated[str, AfterValidator(_check_cron)]
 
@@ -592,7 +664,7 @@ class EimSettings(_Model):
     provider: Literal["outscale", "aws"] = "outscale"
     region: Annotated[str, AfterValidator(_check_region)] = "eu-west-2"
     endpoint: Url | None = None
-    signing_name: NonEmpty = "iam"
+    signing_name: SigningName = "iam"
     connect_timeout: Duration = timedelta(seconds=5)
     read_timeout: Duration = timedelta(seconds=15)
     max_attempts: Annotated[int, Field(strict=True, ge=1, le=20)] = 5
@@ -610,13 +682,13 @@ class EimSettings(_Model):
 
 
 class AppRoleSettings(_Model):
-    role_id: NonEmpty
+    role_id: Text
     secret_id_file: ConfigPath
     mount: VaultPath = "approle"
 
 
 class KubernetesAuthSettings(_Model):
-    role: NonEmpty
+    role: Text
     token_file: ConfigPath = DEFAULT_K8S_TOKEN_FILE
     mount: VaultPath = "kubernetes"
 
@@ -651,7 +723,7 @@ class VaultSettings(_Model):
     state_path: VaultPath = "rotator"
     lock_ttl: Duration = timedelta(seconds=15)
     ca_file: ConfigPath | None = None
-    namespace: NonEmpty | None = None
+    namespace: HeaderText | None = None
     timeout: Duration = timedelta(seconds=10)
 
     @model_validator(mode="before")
@@ -689,7 +761,7 @@ class PolicySpec(_Model):
     """The managed policy attached to a target's group; ``document`` is always resolved."""
 
     name: PolicyName
-    description: Annotated[str, Field(max_length=1000)] = ""
+    description: Annotated[str, Field(max_length=1000), AfterValidator(_check_no_control)] = ""
     path: Annotated[str, AfterValidator(_check_policy_path)] = "/"
     document_file: ConfigPath | None = None
     document: dict[str, Any]

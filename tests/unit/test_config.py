@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import types
+import typing
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1490,3 +1492,237 @@ def test_a_policy_file_with_a_number_too_long_for_python_is_refused(tmp_path: Pa
     assert error.path == "targets[0].policy.document_file"
     assert "a number of 5000 digits is too long: shorten it" in error.message
     assert "set_int_max_str_digits" not in error.message
+
+
+# --- free text that reaches the network; ports; lower bounds ---------------------------------
+# Each of these passed check-config and failed only at run (a fuzzer found them): the value ended
+# up in an HTTP header, a URL, a request body or the SigV4 scope, or made the daemon useless.
+
+
+def _is_text(annotation: Any) -> bool:
+    """``str``, ``Annotated[str, ...]`` or either one ``| None``."""
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _is_text(typing.get_args(annotation)[0])
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and (
+        len(arguments) == 1 and _is_text(arguments[0])
+    )
+
+
+def _string_keys(model: type[pydantic.BaseModel], prefix: str) -> list[str]:
+    """Every plain-string key under ``model`` (Literal choices and file paths excluded)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if _is_text(field.annotation):
+            keys.append(path)
+        nested = config._model_in(field.annotation)
+        if nested is not None:
+            keys += _string_keys(nested, f"{path}.0" if name == "targets" else path)
+    return keys
+
+
+# A valid value of every string key; the tests below spoil it with a control character.
+VALID_TEXT: dict[str, str] = {
+    "eim.region": "eu-west-2",
+    "eim.endpoint": "https://eim.example:443",
+    "eim.signing_name": "eim",
+    "vault.address": "https://vault.example:8200",
+    "vault.auth.approle.role_id": "7d1f7a3c-role",
+    "vault.auth.approle.mount": "approle",
+    "vault.auth.kubernetes.role": "rotator",
+    "vault.auth.kubernetes.mount": "kubernetes",
+    "vault.mount": "secret",
+    "vault.state_path": "rotator",
+    "vault.namespace": "admin/team",
+    "targets.0.name": "monitoring",
+    "targets.0.user": "watcher_1",
+    "targets.0.group": "monitoring",
+    "targets.0.policy.name": "monitoring",
+    "targets.0.policy.description": "Allow describe for every item",
+    "targets.0.policy.path": "/rotator/",
+    "targets.0.secret_path": "monitoring/w1",
+    "metrics.listen": "[fe80::1%eth0]:9109",
+}
+# Cron expressions are split on whitespace and rejoined (a trailing newline is normalised away)
+# and go to the local scheduler only, never to the network.
+NOT_SENT = {"defaults.rotation_window", "targets.0.rotation_window"}
+
+
+def _with_context(dotted: str) -> dict[str, Any]:
+    """``base()`` plus what ``dotted`` needs to be read at all (its auth method, a policy)."""
+    data = base()
+    if dotted.startswith("vault.auth.approle"):
+        put(data, "vault.auth.method", "approle")
+        put(data, "vault.auth.approle.role_id", "r")
+        put(data, "vault.auth.approle.secret_id_file", "sid")
+    if dotted.startswith("vault.auth.kubernetes"):
+        put(data, "vault.auth.method", "kubernetes")
+        put(data, "vault.auth.kubernetes.role", "r")
+    if dotted.startswith("targets.0.policy"):
+        put(data, "targets.0.group", "g")
+        put(data, "targets.0.policy", {"name": "p", "document": POLICY})
+    return data
+
+
+def test_every_string_key_has_a_valid_sample_for_the_control_character_tests() -> None:
+    assert set(_string_keys(config.Settings, "")) - NOT_SENT == set(VALID_TEXT)
+
+
+@pytest.mark.parametrize("dotted", sorted(VALID_TEXT))
+def test_the_valid_sample_of_every_string_key_loads(tmp_path: Path, dotted: str) -> None:
+    data = _with_context(dotted)
+    put(data, dotted, VALID_TEXT[dotted])
+
+    load(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    "spoil", ["{}\n", "{}\r\n", "\n{}", "{}\x00", "{}\x1b[2J", "{}\x7f", "{}\x85"]
+)
+@pytest.mark.parametrize("dotted", sorted(VALID_TEXT))
+def test_every_string_key_refuses_control_characters_naming_the_key(
+    tmp_path: Path, dotted: str, spoil: str
+) -> None:
+    data = _with_context(dotted)
+    put(data, dotted, spoil.format(VALID_TEXT[dotted]))
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted.replace(".0.", "[0].")
+    assert len(error.message) < 300
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("vault.namespace", "admin\nX-Injected: 1"),
+        ("vault.namespace", "admin\t"),
+        ("vault.auth.approle.role_id", "role\x00id"),
+        ("vault.auth.kubernetes.role", "rotator\n"),
+        ("targets.0.policy.description", "Allow describe\x07"),
+        ("eim.endpoint", "https://eim.example\n"),
+        ("vault.address", "https://vault.example:8200\r\n"),
+    ],
+)
+def test_a_control_character_is_named_with_the_fix(tmp_path: Path, dotted: str, value: str) -> None:
+    data = _with_context(dotted)
+    put(data, dotted, value)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted.replace(".0.", "[0].")
+    assert "control character" in error.message and "remove it" in error.message
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("vault.namespace", " admin"),
+        ("vault.namespace", "admin "),
+        ("vault.auth.kubernetes.role", " rotator"),
+        ("vault.auth.approle.role_id", "role "),
+    ],
+)
+def test_surrounding_whitespace_is_refused_where_it_would_be_sent(
+    tmp_path: Path, dotted: str, value: str
+) -> None:
+    data = _with_context(dotted)
+    put(data, dotted, value)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted
+    assert "whitespace" in error.message
+
+
+def test_a_namespace_outside_ascii_is_refused_as_it_is_an_http_header(tmp_path: Path) -> None:
+    data = base()
+    put(data, "vault.namespace", "équipe")
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "vault.namespace"
+    assert "X-Vault-Namespace" in error.message and "ASCII" in error.message
+
+
+@pytest.mark.parametrize("value", ["i am", "iam/eim", "iam;x", "iäm", "iam_x", "-", "a" * 65])
+def test_signing_name_is_a_service_name(tmp_path: Path, value: str) -> None:
+    data = base()
+    put(data, "eim.signing_name", value)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "eim.signing_name"
+    assert "letters, digits and '-'" in error.message and "iam" in error.message
+
+
+@pytest.mark.parametrize("value", ["iam", "eim", "execute-api", "IAM2"])
+def test_signing_names_of_services_are_accepted(tmp_path: Path, value: str) -> None:
+    data = base()
+    put(data, "eim.signing_name", value)
+
+    assert load(tmp_path, data).eim.signing_name == value
+
+
+@pytest.mark.parametrize("value", ["/a b/", "/a\tb/", "/é/"])
+def test_policy_path_is_printable_ascii_without_spaces(tmp_path: Path, value: str) -> None:
+    data = _with_context("targets.0.policy.path")
+    put(data, "targets.0.policy.path", value)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.path"
+
+
+@pytest.mark.parametrize("dotted", ["eim.endpoint", "vault.address"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:0", "https://h:00", "http://[::1]:0/v1"])
+def test_a_url_with_port_0_is_refused(tmp_path: Path, dotted: str, url: str) -> None:
+    data = base()
+    put(data, dotted, url)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted
+    assert "port 0" in error.message and "1 to 65535" in error.message
+
+
+def test_vault_addr_with_port_0_is_refused_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:0")
+    data = base()
+    del data["vault"]["address"]
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "vault.address"
+    assert "port 0" in error.message and "VAULT_ADDR" in error.message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1", "https://h:65535", "https://h"])
+def test_ports_from_1_and_default_ports_are_accepted(tmp_path: Path, url: str) -> None:
+    data = base()
+    put(data, "eim.endpoint", url)
+
+    assert load(tmp_path, data).eim.endpoint == url
+
+
+def test_check_config_refuses_a_namespace_with_a_newline_in_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rotator import cli
+
+    data = base()
+    put(data, "vault.namespace", "admin\nX-Injected: 1")
+    path = write(tmp_path, data)
+
+    code = cli.main(["check-config", "--skip-secret-files", "-c", str(path)])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    output = (captured.out + captured.err).strip()
+    assert len(output.splitlines()) == 1
+    assert "vault.namespace" in output and "Traceback" not in output
