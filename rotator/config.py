@@ -166,6 +166,53 @@ Duration = Annotated[
 ]
 
 
+def _at_least(minimum: timedelta, why: str) -> AfterValidator:
+    """A lower bound on a duration key: shorter values load but cannot work at run."""
+
+    def check(value: timedelta) -> timedelta:
+        if value < minimum:
+            raise ValueError(
+                f"{format_duration(value)} is too short: use at least "
+                f"{format_duration(minimum)}; {why}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+# The lower bounds. Each one leaves room for the tests' and the demo's deliberately short
+# timings (check_interval 1s, lock_ttl 2s, timeouts of 1s or more).
+MIN_CHECK_INTERVAL = timedelta(seconds=1)
+MIN_LOCK_TTL = timedelta(seconds=1)
+MIN_CONNECT_TIMEOUT = timedelta(milliseconds=100)
+MIN_CALL_TIMEOUT = timedelta(seconds=1)
+
+CheckInterval = Annotated[
+    Duration,
+    _at_least(
+        MIN_CHECK_INTERVAL,
+        "each check lists the user's keys in IAM and reads Vault, so checking more often "
+        "only hammers both",
+    ),
+]
+LockTtl = Annotated[
+    Duration,
+    _at_least(
+        MIN_LOCK_TTL,
+        "the lease is renewed every third of it by a round trip to Vault, which must land "
+        "before the lease expires",
+    ),
+]
+ConnectTimeout = Annotated[
+    Duration,
+    _at_least(MIN_CONNECT_TIMEOUT, "a shorter one fails connections that are merely not local"),
+]
+CallTimeout = Annotated[
+    Duration,
+    _at_least(MIN_CALL_TIMEOUT, "a shorter one fails calls that are merely slow"),
+]
+
+
 # --- paths -----------------------------------------------------------------------------------
 
 
@@ -665,8 +712,8 @@ class EimSettings(_Model):
     region: Annotated[str, AfterValidator(_check_region)] = "eu-west-2"
     endpoint: Url | None = None
     signing_name: SigningName = "iam"
-    connect_timeout: Duration = timedelta(seconds=5)
-    read_timeout: Duration = timedelta(seconds=15)
+    connect_timeout: ConnectTimeout = timedelta(seconds=5)
+    read_timeout: CallTimeout = timedelta(seconds=15)
     max_attempts: Annotated[int, Field(strict=True, ge=1, le=20)] = 5
     credentials_file: ConfigPath | None = None
     verify_action: Literal["iam:GetUser", "sts:GetCallerIdentity"] = "iam:GetUser"
@@ -721,10 +768,10 @@ class VaultSettings(_Model):
     auth: VaultAuthSettings = Field(default_factory=VaultAuthSettings)
     mount: VaultPath = "secret"
     state_path: VaultPath = "rotator"
-    lock_ttl: Duration = timedelta(seconds=15)
+    lock_ttl: LockTtl = timedelta(seconds=15)
     ca_file: ConfigPath | None = None
     namespace: HeaderText | None = None
-    timeout: Duration = timedelta(seconds=10)
+    timeout: CallTimeout = timedelta(seconds=10)
 
     @model_validator(mode="before")
     @classmethod
@@ -744,7 +791,7 @@ class VaultSettings(_Model):
 class Timing(_Model):
     """When keys are checked, rotated, retired and deleted (DESIGN.md section 1)."""
 
-    check_interval: Duration = timedelta(minutes=5)
+    check_interval: CheckInterval = timedelta(minutes=5)
     max_age: Duration = timedelta(days=30)
     grace: Duration = timedelta(hours=24)
     inactive_period: Duration = timedelta(days=3)
@@ -810,7 +857,7 @@ class Target(_Model):
     policy: PolicySpec | None = None
     secret_path: VaultPath
     # Per-target overrides of the defaults block; None: inherit.
-    check_interval: Duration | None = None
+    check_interval: CheckInterval | None = None
     max_age: Duration | None = None
     grace: Duration | None = None
     inactive_period: Duration | None = None

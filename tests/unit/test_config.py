@@ -1710,6 +1710,53 @@ def test_ports_from_1_and_default_ports_are_accepted(tmp_path: Path, url: str) -
     assert load(tmp_path, data).eim.endpoint == url
 
 
+LOWER_BOUNDS = [
+    ("defaults.check_interval", "1s"),
+    ("targets.0.check_interval", "1s"),
+    ("vault.lock_ttl", "1s"),
+    ("eim.connect_timeout", "100ms"),
+    ("eim.read_timeout", "1s"),
+    ("vault.timeout", "1s"),
+]
+
+
+@pytest.mark.parametrize(("dotted", "minimum"), LOWER_BOUNDS)
+@pytest.mark.parametrize("text", ["1ms", "99ms"])
+def test_durations_too_short_to_work_are_refused_saying_the_minimum(
+    tmp_path: Path, dotted: str, minimum: str, text: str
+) -> None:
+    data = base()
+    put(data, dotted, text)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == dotted.replace(".0.", "[0].")
+    assert f"too short: use at least {minimum}" in error.message
+    assert len(error.message) < 300
+
+
+@pytest.mark.parametrize(("dotted", "minimum"), LOWER_BOUNDS)
+def test_the_minimum_duration_itself_is_accepted(tmp_path: Path, dotted: str, minimum: str) -> None:
+    data = base()
+    put(data, dotted, minimum)
+
+    load(tmp_path, data)
+
+
+def test_check_interval_and_lock_ttl_below_a_second_are_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    data = base()
+    put(data, "defaults.check_interval", "999ms")
+    error = rejected(tmp_path, data)
+    assert error.path == "defaults.check_interval" and "IAM" in error.message
+
+    data = base()
+    put(data, "vault.lock_ttl", "500ms")
+    error = rejected(tmp_path, data)
+    assert error.path == "vault.lock_ttl" and "renewed every third" in error.message
+
+
 def test_check_config_refuses_a_namespace_with_a_newline_in_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
