@@ -74,6 +74,9 @@ class StatusView:
 
 
 SHARED_READS_MAX_AGE = timedelta(seconds=60)  # of a group or policy read, for other targets
+# How old the pass's key listing may be when an intent marker is written from it: a key made by
+# hand after the listing and before the marker could otherwise be taken for the marker's orphan.
+KEYS_FRESH_FOR = timedelta(seconds=1)
 
 
 class _SharedReads:
@@ -224,6 +227,7 @@ class _Pass:
     blocked: str | None = None
     decision: rotation.Decision | None = None
     keys_observed: bool = False
+    keys_listed_at: datetime | None = None  # when p.keys was listed (the clock's time)
     user_missing: bool = False
     identity_due: bool = False  # the identity needs changes: made under the lease
     lease: _Lease | None = None
@@ -348,6 +352,7 @@ class Engine:
             p.user_missing = True
         p.keys = {k.key_id: k for k in keys}
         p.keys_observed = True
+        p.keys_listed_at = self._clock.now()
 
     def _reobserve(self, p: _Pass) -> _Pass:
         """What the pass must see once it holds a lease another holder may have had since the
@@ -630,6 +635,11 @@ class Engine:
 
     def _create_key(self, p: _Pass, reason: str) -> None:
         spec = p.spec
+        # The marker names the keys that exist before it, so that none of them can pass for its
+        # orphan: a listing seconds old (a lease waited for, a slow Vault) is taken again.
+        listed_at = p.keys_listed_at
+        if listed_at is None or self._clock.now() - listed_at > KEYS_FRESH_FOR:
+            self._observe_keys(p)
         now = self._clock.now()
         # The intent must be durable before the key exists, or a crash would leak the key.
         p.state = p.state.replace(intent=model.Intent(now, tuple(p.keys)))
@@ -642,6 +652,14 @@ class Engine:
             p.blocked = f"IAM refused a new key for {spec.user} (quota reached): {exc}"
             log.warning("rotation_blocked", target=spec.name, reason=p.blocked)
             return
+        except errors.EimError as exc:
+            if _refused(exc):
+                # IAM answered that it made nothing: a marker left behind would make a key
+                # someone creates by hand next look like this rotation's orphan.
+                p.state = p.state.replace(intent=None)
+                with contextlib.suppress(errors.RotatorError):
+                    self._flush(p)
+            raise  # otherwise the answer may be lost: the marker finds any key it made
         log.info("key_created", target=spec.name, key_id=new.key_id, reason=reason)
         p.keys[new.key_id] = model.AccessKey(new.key_id, model.KeyStatus.ACTIVE, new.created)
         p.state = p.state.replace(
@@ -934,6 +952,12 @@ def _shared_keys(change: identity.Change) -> tuple[tuple[str, str], ...]:
     if change.kind in (kind.CREATE_POLICY, kind.CREATE_POLICY_VERSION, kind.DELETE_POLICY_VERSION):
         return (("policy", change.subject),)
     return ()
+
+
+def _refused(exc: errors.EimError) -> bool:
+    """An answer from IAM that proves the call changed nothing (denied, invalid, no such
+    user...), as opposed to a lost answer, a 5xx or throttling, after which it may have."""
+    return type(exc) is not errors.EimError and not exc.transient
 
 
 def _missing_user(spec: TargetSpec) -> str:

@@ -490,6 +490,67 @@ def test_a_key_verified_before_a_failed_publish_is_published_next_pass_without_a
     assert w.vault.published_id(PATH) == pending.key_id
 
 
+def test_a_create_refused_by_iam_clears_the_marker_so_a_key_made_by_hand_next_stays() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(seconds=30)
+    real = w.iam.create_key
+
+    def denied(user: str) -> model.NewKey:
+        raise errors.EimAccessDenied("denied", code="AccessDenied", action="iam:CreateAccessKey")
+
+    w.iam.create_key = denied  # type: ignore[method-assign]
+    assert not w.run(force=True).ok
+    assert w.state().intent is None  # IAM said it made nothing
+    w.iam.create_key = real  # type: ignore[method-assign]
+    hand = w.iam.add_foreign_key("watcher_1")
+    w.clock.advance(seconds=30)
+    w.run()
+    assert hand in [k.key_id for k in w.iam.keys_of("watcher_1")]
+
+
+def test_a_create_whose_answer_is_lost_keeps_the_marker_for_the_next_pass() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(seconds=30)
+
+    def lost(user: str) -> model.NewKey:
+        raise errors.EimTransientError("read timeout", code="ReadTimeoutError")
+
+    w.iam.create_key = lost  # type: ignore[method-assign]
+    assert not w.run(force=True).ok
+    assert w.state().intent is not None  # a key may exist: the next pass looks for it
+
+
+def test_a_key_made_by_hand_while_the_pass_waited_is_never_the_orphan_of_its_marker() -> None:
+    w = World()
+    lock = FakeLock(w.clock)
+    w.engine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="a")
+    w.run()
+    w.clock.advance(seconds=30)
+    real_acquire, real_create = lock.acquire, w.iam.create_key
+    made: list[str] = []
+
+    def slow_acquire(target: str, holder: str, ttl: float) -> model.Grant | None:
+        w.clock.advance(seconds=2)  # the lease took 2 s (a slow Vault, a lease waited for)
+        made.append(w.iam.add_foreign_key("watcher_1"))  # meanwhile someone makes a key
+        return real_acquire(target, holder, ttl)
+
+    def lost(user: str) -> model.NewKey:
+        raise errors.EimTransientError("read timeout", code="ReadTimeoutError")
+
+    lock.acquire = slow_acquire  # type: ignore[method-assign]
+    w.iam.create_key = lost  # type: ignore[method-assign]
+    assert not w.engine.run_pass(SPEC, force=True).ok
+    intent = w.state().intent
+    assert intent is not None and made[0] in intent.existing_ids
+    lock.acquire = real_acquire  # type: ignore[method-assign]
+    w.iam.create_key = real_create  # type: ignore[method-assign]
+    w.clock.advance(seconds=30)
+    w.engine.run_pass(SPEC)
+    assert made[0] in [k.key_id for k in w.iam.keys_of("watcher_1")]
+
+
 def test_a_forced_rotation_makes_only_the_calls_a_rotation_needs() -> None:
     w = World()
     lock = FakeLock(w.clock)
