@@ -653,13 +653,11 @@ class Engine:
             log.warning("rotation_blocked", target=spec.name, reason=p.blocked)
             return
         except errors.EimError as exc:
-            if _refused(exc):
-                # IAM answered that it made nothing: a marker left behind would make a key
-                # someone creates by hand next look like this rotation's orphan.
-                p.state = p.state.replace(intent=None)
-                with contextlib.suppress(errors.RotatorError):
-                    self._flush(p)
-            raise  # otherwise the answer may be lost: the marker finds any key it made
+            # The marker is settled now if it can be: left behind, it would make a key someone
+            # creates by hand in the next minutes look like this rotation's orphan.
+            with contextlib.suppress(errors.RotatorError):
+                self._settle_intent(p, refused=_refused(exc))
+            raise
         log.info("key_created", target=spec.name, key_id=new.key_id, reason=reason)
         p.keys[new.key_id] = model.AccessKey(new.key_id, model.KeyStatus.ACTIVE, new.created)
         p.state = p.state.replace(
@@ -688,6 +686,27 @@ class Engine:
                 )
             raise
         self._resolve_pending(p)
+
+    def _settle_intent(self, p: _Pass, *, refused: bool) -> None:
+        """After a failed CreateAccessKey: clear the marker once it is known what the call made.
+
+        ``refused``: IAM answered that it made nothing. Otherwise the answer may be lost: the
+        keys are listed again at once; one key the marker did not know of is the call's, its
+        secret lost, and is deleted; with none the call made nothing. Two new keys cannot be
+        told apart: the marker stays for the next pass, which leaves both alone. A failure here
+        (IAM still away) leaves the marker too, for the next pass.
+        """
+        intent = p.state.intent
+        assert intent is not None
+        if not refused:
+            self._observe_keys(p)
+            made = [k for k in p.keys if k not in intent.existing_ids]
+            if len(made) > 1:
+                return
+            for key_id in made:
+                self._delete_key(p, key_id, "made by a CreateAccessKey whose answer was lost")
+        p.state = p.state.replace(intent=None)
+        self._flush(p)
 
     def _resolve_pending(self, p: _Pass) -> None:
         """Verify the pending key until it authenticates, or give it up; publish when it does."""

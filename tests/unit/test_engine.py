@@ -509,17 +509,42 @@ def test_a_create_refused_by_iam_clears_the_marker_so_a_key_made_by_hand_next_st
     assert hand in [k.key_id for k in w.iam.keys_of("watcher_1")]
 
 
-def test_a_create_whose_answer_is_lost_keeps_the_marker_for_the_next_pass() -> None:
+@pytest.mark.parametrize("made", [True, False])
+def test_a_create_whose_answer_is_lost_is_settled_in_the_same_pass(made: bool) -> None:
     w = World()
     w.run()
     w.clock.advance(seconds=30)
+    before = {k.key_id for k in w.iam.keys_of("watcher_1")}
+    real = w.iam.create_key
 
     def lost(user: str) -> model.NewKey:
+        if made:
+            real(user)  # IAM made the key, its answer never came back
         raise errors.EimTransientError("read timeout", code="ReadTimeoutError")
 
     w.iam.create_key = lost  # type: ignore[method-assign]
     assert not w.run(force=True).ok
+    assert w.state().intent is None  # the keys were listed again: nothing left to guess
+    assert {k.key_id for k in w.iam.keys_of("watcher_1")} == before  # a made key is deleted
+
+
+def test_a_create_whose_answer_is_lost_with_iam_still_away_keeps_the_marker() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(seconds=30)
+    real_list = w.iam.list_keys
+
+    def lost(user: str) -> model.NewKey:
+        w.iam.list_keys = away  # type: ignore[method-assign]
+        raise errors.EimTransientError("read timeout", code="ReadTimeoutError")
+
+    def away(user: str) -> list[model.AccessKey]:
+        raise errors.EimTransientError("connection refused", code="EndpointConnectionError")
+
+    w.iam.create_key = lost  # type: ignore[method-assign]
+    assert not w.run(force=True).ok
     assert w.state().intent is not None  # a key may exist: the next pass looks for it
+    w.iam.list_keys = real_list  # type: ignore[method-assign]
 
 
 def test_a_key_made_by_hand_while_the_pass_waited_is_never_the_orphan_of_its_marker() -> None:
@@ -536,13 +561,16 @@ def test_a_key_made_by_hand_while_the_pass_waited_is_never_the_orphan_of_its_mar
         made.append(w.iam.add_foreign_key("watcher_1"))  # meanwhile someone makes a key
         return real_acquire(target, holder, ttl)
 
+    markers: list[model.Intent | None] = []
+
     def lost(user: str) -> model.NewKey:
+        markers.append(w.state().intent)  # as written just before the call
         raise errors.EimTransientError("read timeout", code="ReadTimeoutError")
 
     lock.acquire = slow_acquire  # type: ignore[method-assign]
     w.iam.create_key = lost  # type: ignore[method-assign]
     assert not w.engine.run_pass(SPEC, force=True).ok
-    intent = w.state().intent
+    intent = markers[0]
     assert intent is not None and made[0] in intent.existing_ids
     lock.acquire = real_acquire  # type: ignore[method-assign]
     w.iam.create_key = real_create  # type: ignore[method-assign]
