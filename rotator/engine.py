@@ -585,8 +585,12 @@ class Engine:
         if action.kind is kind.DROP_PENDING:
             p.state = p.state.replace(pending=None)
         elif action.kind is kind.PROMOTE_PENDING:
-            assert p.state.pending is not None
-            p.state = rotation.promote(p.state, p.state.pending, spec.policy, now)
+            pending = p.state.pending
+            assert pending is not None
+            # published before a crash: the key it replaced is the one noted at its creation
+            p.state = rotation.promote(
+                p.state, pending, spec.policy, now, replaced=pending.replaces
+            )
             p.rotated = True
             self._flush(p)
         elif action.kind is kind.RESOLVE_PENDING:
@@ -662,7 +666,12 @@ class Engine:
         p.keys[new.key_id] = model.AccessKey(new.key_id, model.KeyStatus.ACTIVE, new.created)
         p.state = p.state.replace(
             intent=None,
-            pending=model.PendingKey(key_id=new.key_id, secret=new.secret, created=new.created),
+            pending=model.PendingKey(
+                key_id=new.key_id,
+                secret=new.secret,
+                created=new.created,
+                replaces=p.published.access_key_id,
+            ),
         ).remember_created(new.key_id)
         try:
             self._flush(p)
@@ -725,12 +734,8 @@ class Engine:
             self._check_stop(p)
             result = self._iam.verify_key(pending.key_id, pending.secret)
             now = self._clock.now()
-            pending = model.PendingKey(
-                key_id=pending.key_id,
-                secret=pending.secret,
-                created=pending.created,
-                attempts=pending.attempts + 1,
-                last_attempt_at=now,
+            pending = dataclasses.replace(
+                pending, attempts=pending.attempts + 1, last_attempt_at=now, verified_at=None
             )
             judgement = rotation.judge_verification(pending, result, spec.policy, now)
             log.info(

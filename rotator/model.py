@@ -284,6 +284,7 @@ class PendingKey:
     attempts: int = 0
     last_attempt_at: datetime | None = None
     verified_at: datetime | None = None  # it authenticated; only the publish is left to do
+    replaces: str | None = None  # the key published when this one was made (it gets a grace)
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,7 @@ class TargetState:
                 "attempts": self.pending.attempts,
                 "last_attempt_at": _fmt_opt(self.pending.last_attempt_at),
                 "verified_at": _fmt_opt(self.pending.verified_at),
+                "replaces": self.pending.replaces,
             }
         )
         doc["intent"] = (
@@ -434,6 +436,7 @@ class TargetState:
                     attempts=int(pen.get("attempts") or 0),
                     last_attempt_at=_opt_time(pen.get("last_attempt_at")),
                     verified_at=_opt_time(pen.get("verified_at")),
+                    replaces=str(pen["replaces"]) if pen.get("replaces") else None,
                 ),
                 intent=None
                 if not intent

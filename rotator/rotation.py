@@ -179,6 +179,8 @@ def decide(
             actions.append(Action(ActionKind.DROP_PENDING, "pending key no longer in IAM"))
         elif pending.key_id == published_id:
             in_flight = True
+            if pending.replaces:  # promote() gives it a full grace from now: not retired now
+                protected.add(pending.replaces)
             actions.append(
                 Action(
                     ActionKind.PROMOTE_PENDING,

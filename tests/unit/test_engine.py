@@ -188,6 +188,46 @@ def test_an_adopted_key_that_was_published_stays_active_a_full_grace_after_repla
     assert w.iam._find("watcher_1", hand).status is model.KeyStatus.INACTIVE
 
 
+def test_the_replaced_key_gets_its_grace_also_when_a_crash_followed_the_publish() -> None:
+    # As above, but the process dies between the publish and the state write: the next pass
+    # finishes the promotion from the stored pending key, which names the key it replaced.
+    w = World()
+    w.iam.users["watcher_1"] = []
+    hand = w.iam.add_foreign_key("watcher_1")
+    found = w.iam._find("watcher_1", hand)
+    w.vault.write_published(
+        PATH,
+        model.NewKey(hand, model.Secret(found.secret), found.created),
+        w.vault.read_published(PATH),
+    )
+    w.engine.adopt(SPEC, hand)
+    found.foreign = False
+    w.clock.advance(minutes=3)
+    real = w.vault.write_state
+
+    def crash_on_promotion(target: str, state: model.TargetState, version: int) -> int:
+        if state.current is not None:
+            w.vault.write_state = real  # type: ignore[method-assign]
+            raise Crash("killed after the publish")
+        return real(target, state, version)
+
+    w.vault.write_state = crash_on_promotion  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        w.run()
+    assert w.vault.published_id(PATH) != hand
+    published_at = w.clock.now()
+    w.restart()
+    w.clock.advance(seconds=30)
+    w.run()  # finishes the promotion
+
+    assert w.state().current is not None and w.state().current.key_id != hand
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.ACTIVE
+    left = POLICY.grace - (w.clock.now() - published_at)
+    w.clock.advance(seconds=left.total_seconds() + 31)
+    w.run()
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.INACTIVE
+
+
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
     w = World()
     w.run()
