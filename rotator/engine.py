@@ -336,7 +336,7 @@ class Engine:
         # Vault first: without it no IAM change may happen.
         stored = self._store.read_state(spec.name)
         published = self._store.read_published(spec.secret_path)
-        return _Pass(spec=spec, stored=stored, published=published, state=stored.state)
+        return _Pass(spec=spec, stored=stored, published=published, state=_owned(spec, stored))
 
     def _observe_keys(self, p: _Pass) -> None:
         try:
@@ -367,7 +367,7 @@ class Engine:
             spec=p.spec,
             stored=stored,
             published=self._store.read_published(p.spec.secret_path),
-            state=stored.state,
+            state=_owned(p.spec, stored),
             identity_due=p.identity_due,
         )
         self._observe_keys(fresh)
@@ -908,6 +908,10 @@ class Engine:
         published = self._store.read_published(spec.secret_path)
         problem: str | None = None
         try:
+            _check_owner(spec, stored.state)
+        except errors.ConfigError as exc:
+            problem = str(exc)
+        try:
             keys = self._iam.list_keys(spec.user)
         except errors.EimNoSuchEntity:
             keys = []  # with a managed identity the next pass creates the user
@@ -976,6 +980,33 @@ def _shared_keys(change: identity.Change) -> tuple[tuple[str, str], ...]:
     if change.kind in (kind.CREATE_POLICY, kind.CREATE_POLICY_VERSION, kind.DELETE_POLICY_VERSION):
         return (("policy", change.subject),)
     return ()
+
+
+def _owned(spec: TargetSpec, stored: model.StoredState) -> model.TargetState:
+    """The stored state, checked to be the target's user's and marked as such (a state written
+    before users were recorded gets it at its next write)."""
+    _check_owner(spec, stored.state)
+    return stored.state.replace(user=spec.user)
+
+
+def _movable(state: model.TargetState) -> bool:
+    """No user recorded yet, or nothing of its user's tracked: the state may take another."""
+    return state.user is None or (not state.tracked_ids() and state.intent is None)
+
+
+def _check_owner(spec: TargetSpec, state: model.TargetState) -> None:
+    """The keys a state tracks belong to the user it was written for: a target whose user was
+    changed in the config would otherwise lose track of the old user's keys (still valid)."""
+    if state.user == spec.user or _movable(state):
+        return
+    keys = ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"
+    raise errors.ConfigError(
+        f"target {spec.name}: user",
+        f"the target's keys ({keys}) belong to user {state.user}, the config now "
+        f"says {spec.user}; rotator does not move a target between users: put user: "
+        f"{state.user} back, or delete those keys of {state.user} by hand and then the "
+        f"target's state in Vault to start over with {spec.user}",
+    )
 
 
 def _refused(exc: errors.EimError) -> bool:

@@ -317,6 +317,7 @@ class TargetState:
     next_due_at: datetime | None = None
     failures: int = 0  # consecutive failed rotation attempts
     retry_after: datetime | None = None  # no new key before this (backoff after a failure)
+    user: str | None = None  # the EIM user whose keys these are (None: written before 0.1.1)
 
     def replace(self, **changes: Any) -> TargetState:
         return dataclasses.replace(self, **changes)
@@ -379,6 +380,7 @@ class TargetState:
             }
         )
         doc["created_ids"] = list(self.created_ids)
+        doc["user"] = self.user
         doc["identity"] = {
             "digest": self.identity_digest,
             "checked_at": _fmt_opt(self.identity_checked_at),
@@ -445,6 +447,7 @@ class TargetState:
                     tuple(str(i) for i in intent.get("existing_ids") or ()),
                 ),
                 created_ids=tuple(str(i) for i in doc.get("created_ids") or ()),
+                user=str(doc["user"]) if doc.get("user") else None,
                 identity_digest=ident.get("digest"),
                 identity_checked_at=_opt_time(ident.get("checked_at")),
                 last_success_at=_opt_time(out.get("last_success_at")),

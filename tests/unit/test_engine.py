@@ -228,6 +228,34 @@ def test_the_replaced_key_gets_its_grace_also_when_a_crash_followed_the_publish(
     assert w.iam._find("watcher_1", hand).status is model.KeyStatus.INACTIVE
 
 
+def test_a_target_moved_to_another_user_stops_with_a_clear_error_and_touches_nothing() -> None:
+    w = World()
+    w.run()
+    old_keys = {k.key_id: k.status for k in w.iam.keys_of("watcher_1")}
+    moved = dataclasses.replace(SPEC, user="watcher_2", desired=None)
+    w.iam.users["watcher_2"] = []
+    w.clock.advance(seconds=30)
+
+    report = w.engine.run_pass(moved)
+    view = w.engine.status(moved)
+
+    assert not report.ok and "config" in report.error_components
+    assert report.error is not None
+    assert "belong to user watcher_1, the config now says watcher_2" in report.error
+    assert "put user: watcher_1 back" in report.error
+    assert view.last_error is not None and "belong to user watcher_1" in view.last_error
+    assert {k.key_id: k.status for k in w.iam.keys_of("watcher_1")} == old_keys
+    assert w.iam.keys_of("watcher_2") == []
+    assert w.state().user == "watcher_1"
+
+
+def test_a_target_with_nothing_tracked_may_move_to_another_user() -> None:
+    w = World()
+    w.vault.write_state(SPEC.name, model.TargetState(user="watcher_0"), 0)
+    assert w.run().ok
+    assert w.state().user == "watcher_1" and w.state().current is not None
+
+
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
     w = World()
     w.run()
