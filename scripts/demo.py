@@ -40,6 +40,13 @@ def settings() -> tuple[Path, tuple[int, int, int]]:
             f"demo: ROTATOR_DEMO_PORTS={raw!r}: give three ports, IAM,VAULT,METRICS "
             "(for example 5055,8255,9109)"
         ) from None
+    used = (iam, vault, vault + 1, metrics)  # OpenBao also takes VAULT+1 (its cluster port)
+    if not all(1 <= port <= 65535 for port in used) or len(set(used)) < len(used):
+        raise SystemExit(
+            f"demo: ROTATOR_DEMO_PORTS={raw!r}: IAM, VAULT, VAULT+1 (OpenBao's cluster port) "
+            "and METRICS must be four different ports from 1 to 65535 (for example "
+            "5055,8255,9109)"
+        )
     return demo, (iam, vault, metrics)
 
 

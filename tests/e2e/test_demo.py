@@ -130,3 +130,27 @@ def test_a_server_on_a_taken_port_refuses_to_start_instead_of_taking_the_other_f
         bao.start(port=held_port - 1)  # its cluster port (PORT+1) is the held one
 
     assert moto.pid is None and bao.pid is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "ports",
+    ["20001,65535,20003", "20011,-5,20013", "20051,20052,20053", "20061,20061,20063", "1,2"],
+)
+def test_demo_ports_that_cannot_work_are_refused_in_one_line(tmp_path: Path, ports: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
+    env.update(ROTATOR_DEMO_DIR=str(tmp_path / "demo"), ROTATOR_DEMO_PORTS=ports)
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith(f"demo: ROTATOR_DEMO_PORTS={ports!r}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()
