@@ -602,6 +602,10 @@ class Engine:
                 p.state = rotation.forget_retiring(p.state, key_id)
         elif action.kind is kind.CLEAR_INTENT:
             p.state = p.state.replace(intent=None)
+        elif action.kind is kind.REINSTATE:
+            assert key_id is not None
+            p.state = rotation.reinstate(p.state, p.keys[key_id], spec.policy, now)
+            log.info("key_reinstated", target=spec.name, key_id=key_id, reason=action.reason)
         elif action.kind is kind.FORGET_RETIRED:
             assert key_id is not None
             p.state = rotation.forget_retiring(p.state, key_id)

@@ -30,6 +30,9 @@ DELETE_ORPHAN          key this rotator created that is no longer          IAM: 
                        current, pending nor retiring
 CLEAR_INTENT           an intent marker with no pending key                state: intent=None
 FORGET_RETIRED         retiring key no longer in IAM                       state: drop it
+REINSTATE              the published secret holds a retiring key (a KV    state: it is current
+                       rollback): consumers read it                        again, the current
+                                                                           key retires
 DEACTIVATE             retiring key Active and now >= retire_at            IAM: Inactive; state:
                                                                            delete_at=now+inactive
 SCHEDULE_DELETE        retiring key Inactive but no delete_at (someone     state: delete_at=
@@ -93,6 +96,7 @@ class ActionKind(enum.StrEnum):
     DELETE_ORPHAN = "delete_orphan"
     CLEAR_INTENT = "clear_intent"
     FORGET_RETIRED = "forget_retired"
+    REINSTATE = "reinstate"
     DEACTIVATE = "deactivate"
     SCHEDULE_DELETE = "schedule_delete"
     DELETE_RETIRED = "delete_retired"
@@ -169,6 +173,21 @@ def decide(
             return
         deleted.add(key_id)
         actions.append(Action(kind, reason, key_id))
+
+    # The published secret was rolled back to a retiring key (a KV rollback, a restore): that
+    # is the key consumers read, so it is current again and the other retires. Otherwise it
+    # stays protected and Active for ever and the target is blocked once a rotation is due.
+    reinstated = _rolled_back_to(by_id, state, published_id)
+    if reinstated is not None:
+        state = reinstate(state, reinstated, policy, now)
+        tracked = state.tracked_ids()
+        actions.append(
+            Action(
+                ActionKind.REINSTATE,
+                "the published secret holds this retiring key again: it is current",
+                reinstated.key_id,
+            )
+        )
 
     # 3. a rotation in flight
     pending = state.pending
@@ -272,6 +291,39 @@ def decide(
         return Decision(tuple(actions), due_reason, next_due, foreign, blocked)
     actions.append(Action(ActionKind.CREATE_KEY, due_reason))
     return Decision(tuple(actions), due_reason, next_due, foreign)
+
+
+def _rolled_back_to(
+    by_id: dict[str, model.AccessKey], state: model.TargetState, published_id: str | None
+) -> model.AccessKey | None:
+    """The retiring key the published secret holds, if it is Active and no rotation is in
+    flight; None otherwise."""
+    if state.pending is not None or state.current is None or published_id is None:
+        return None
+    if published_id == state.current.key_id:
+        return None
+    key = by_id.get(published_id)
+    retiring = {r.key_id: r for r in state.retiring}.get(published_id)
+    if key is None or retiring is None or key.status is not model.KeyStatus.ACTIVE:
+        return None
+    return key
+
+
+def reinstate(
+    state: model.TargetState, key: model.AccessKey, policy: Policy, now: datetime
+) -> model.TargetState:
+    """The state once the retiring ``key``, published again, is current: the current key
+    retires (a full grace: consumers may have read it before the rollback)."""
+    old = state.current
+    retiring = [r for r in state.retiring if r.key_id != key.key_id]
+    if old is not None:
+        retiring.append(model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace))
+    return state.replace(
+        current=model.CurrentKey(
+            key_id=key.key_id, created=key.created, published_at=now, verified_at=now
+        ),
+        retiring=tuple(retiring),
+    )
 
 
 def _due(

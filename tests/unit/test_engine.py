@@ -256,6 +256,35 @@ def test_a_target_with_nothing_tracked_may_move_to_another_user() -> None:
     assert w.state().user == "watcher_1" and w.state().current is not None
 
 
+def test_a_secret_rolled_back_to_the_retiring_key_recovers_instead_of_blocking_for_ever() -> None:
+    w = World()
+    w.run()
+    first = w.state().current
+    assert first is not None
+    w.clock.advance(minutes=10)
+    w.run()  # rotated: the first key retires
+    second = w.vault.published_id(PATH)
+    old = w.iam._find("watcher_1", first.key_id)
+    w.vault.write_published(  # the operator restores the previous version of the secret
+        PATH,
+        model.NewKey(old.key_id, model.Secret(old.secret), old.created),
+        w.vault.read_published(PATH),
+    )
+    w.clock.advance(seconds=30)
+
+    report = w.run()
+
+    assert any(a.startswith("reinstate " + first.key_id) for a in report.actions), report
+    assert w.state().current is not None and w.state().current.key_id == first.key_id
+    assert [r.key_id for r in w.state().retiring] == [second]
+    for _ in range(12):  # grace and inactive period of the second key, then a new rotation
+        w.clock.advance(seconds=30)
+        w.run()
+    published = w.vault.published_id(PATH)
+    assert published not in (first.key_id, second) and w.published_works()
+    assert w.state().current is not None and w.state().current.key_id == published
+
+
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
     w = World()
     w.run()

@@ -279,3 +279,28 @@ def test_key_created_long_after_the_intent_is_not_its_orphan() -> None:
     late = model.AccessKey("HAND", A, T0 + rotation.INTENT_WINDOW + timedelta(seconds=1))
     d = rotation.decide([key("K1"), late], state, published("K1"), POLICY, T0 + timedelta(1))
     assert kinds(d) == [ActionKind.CLEAR_INTENT]
+
+
+def test_a_published_retiring_key_is_current_again_and_the_current_key_retires() -> None:
+    state = model.TargetState(
+        current=current("K2"),
+        retiring=(model.RetiringKey("K1", T0 - timedelta(hours=1)),),
+        created_ids=("K1", "K2"),
+    )
+    keys = [key("K1", age=timedelta(days=2)), key("K2", age=timedelta(days=1))]
+    d = rotation.decide(keys, state, published("K1"), POLICY, T0)
+    assert [(a.kind, a.key_id) for a in d.actions] == [(ActionKind.REINSTATE, "K1")]
+    after = rotation.reinstate(state, keys[0], POLICY, T0)
+    assert after.current is not None and after.current.key_id == "K1"
+    assert after.retiring == (model.RetiringKey("K2", T0 + POLICY.grace),)
+
+
+def test_no_reinstatement_while_a_rotation_is_in_flight_or_of_an_inactive_key() -> None:
+    pending = model.PendingKey("K3", model.Secret("pending-secret-rotation-test"), T0)
+    retiring = (model.RetiringKey("K1", T0 - timedelta(hours=1)),)
+    base = model.TargetState(current=current("K2"), retiring=retiring, created_ids=("K1", "K2"))
+    in_flight = base.replace(pending=pending, created_ids=("K1", "K2", "K3"))
+    d = rotation.decide([key("K1"), key("K2"), key("K3")], in_flight, published("K1"), POLICY, T0)
+    assert ActionKind.REINSTATE not in kinds(d)
+    d = rotation.decide([key("K1", I), key("K2")], base, published("K1"), POLICY, T0)
+    assert ActionKind.REINSTATE not in kinds(d)
