@@ -1,5 +1,5 @@
 """`python -m rotator` is the same as the `rotator` command."""
 
-from rotator.cli import main
+from rotator.entry import main
 
 raise SystemExit(main())
