@@ -203,6 +203,7 @@ def full_state() -> model.TargetState:
             t,
             attempts=2,
             last_attempt_at=t + timedelta(seconds=30),
+            replaces="AKIACURRENT",
         ),
         intent=model.Intent(t - timedelta(seconds=1)),
         created_ids=("AKIAOLD2", "AKIAOLD1", "AKIACURRENT", "AKIAPENDING"),
@@ -215,6 +216,7 @@ def full_state() -> model.TargetState:
         next_due_at=t + timedelta(days=30),
         failures=3,
         retry_after=t + timedelta(minutes=5),
+        user="watcher_1",
     )
 
 
