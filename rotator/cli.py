@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             names = ", ".join(s.name for s in specs)
             print(f"{path}: OK, {len(specs)} target(s): {names}")
-            for note in unchecked:
+            for note in [*unchecked, *daemon.config_warnings(specs)]:
                 print(f"  note: {note}")
             return EXIT_OK
         if command == "run" and not args.once and not args.dry_run:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -219,10 +219,30 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
+def config_warnings(specs: Iterable[engine.TargetSpec]) -> list[str]:
+    """Settings that load but will likely not do what the operator wants (one line each)."""
+    single: dict[timedelta, list[str]] = {}
+    for spec in specs:
+        if rotation.verify_attempts(spec.policy) < 2:
+            single.setdefault(spec.policy.verify_timeout, []).append(spec.name)
+    notes = []
+    for timeout, names in single.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        notes.append(
+            f"verify_timeout {config.format_duration(timeout)} (target {shown}) leaves one "
+            f"verification attempt: the first retry comes "
+            f"{config.format_duration(rotation.VERIFY_FIRST_DELAY)} after it, so a new key IAM "
+            "has not propagated yet is given up at once; use at least that (default 2m)"
+        )
+    return notes
+
+
 def build_runtime(
     settings: config.Settings, clock: SystemClock, *, dry_run: bool = False
 ) -> Runtime:
     specs = {spec.name: spec for spec in target_specs(settings)}
+    for note in config_warnings(specs.values()):
+        logger.warning("config_warning", warning=note)
     iam = build_identity(settings.eim)
     store = build_store(settings.vault)
     worker = engine.Engine(

@@ -398,6 +398,17 @@ def verify_delay(attempts: int) -> timedelta:
     return min(delay, VERIFY_MAX_DELAY)
 
 
+def verify_attempts(policy: Policy) -> int:
+    """How many verification attempts fit in ``verify_timeout`` (the first one included)."""
+    attempts, elapsed = 1, timedelta(0)
+    while attempts < MAX_VERIFY_ATTEMPTS:
+        elapsed += verify_delay(attempts)
+        if elapsed > policy.verify_timeout:
+            break
+        attempts += 1
+    return attempts
+
+
 def next_verify_at(pending: model.PendingKey) -> datetime:
     """When the pending key may be tried again (at once if it was never tried)."""
     if pending.last_attempt_at is None:

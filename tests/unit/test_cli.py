@@ -7,13 +7,14 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from rotator import cli, config, daemon, errors, log
+from rotator import cli, config, daemon, errors, log, rotation
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -243,3 +244,31 @@ def test_an_unknown_argument_shows_the_usage_of_its_command(
     assert exited.value.code == cli.EXIT_USAGE
     assert err.startswith(usage), err
     assert f"unrecognized arguments: {argv[-1]}" in err
+
+
+def test_check_config_notes_a_verify_timeout_that_leaves_one_attempt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = write_config(tmp_path, verify_timeout="5s")
+    assert cli.main(["check-config", "-c", str(short)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "note: verify_timeout 5s (target t1) leaves one verification attempt" in out
+    assert "the first retry comes 10s after it" in out
+
+    enough = write_config(tmp_path, verify_timeout="10s")
+    assert cli.main(["check-config", "-c", str(enough)]) == cli.EXIT_OK
+    assert "verify_timeout" not in capsys.readouterr().out
+
+
+def test_verify_attempts_counts_the_attempts_verify_timeout_leaves() -> None:
+    def attempts(timeout: str) -> int:
+        policy = rotation.Policy(
+            max_age=timedelta(days=30),
+            grace=timedelta(days=1),
+            inactive_period=timedelta(days=3),
+            check_interval=timedelta(minutes=5),
+            verify_timeout=config.parse_duration(timeout),
+        )
+        return rotation.verify_attempts(policy)
+
+    assert [attempts(t) for t in ("5s", "10s", "29s", "30s", "2m")] == [1, 2, 2, 3, 4]
