@@ -332,7 +332,9 @@ def test_run_with_the_metrics_port_taken_exits_2_with_one_line_naming_metrics_li
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        cfg = write_config(tmp_path, iam_admin, vault, busy.getsockname()[1])
+        # verify_timeout long enough for a second attempt: no config_warning before the error
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h", verify_timeout="10s")
         set_info_level(cfg)
         result = run_cli(cfg, daemon_env, "run")
     lines = result.stderr.strip().splitlines()
