@@ -127,6 +127,26 @@ def test_once_then_status_and_dry_run(
     assert unknown.returncode == 2 and "unknown target nope" in unknown.stderr
 
 
+def run_until_first_key(
+    cfg: Path,
+    env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+    err: Path,
+    vault: Any,
+) -> subprocess.Popen[bytes]:
+    """`rotator run` with its stderr (the log) in ``err``, once it has published a first key."""
+    with err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+        )
+    started.append(process)
+    wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
+    return process
+
+
 @pytest.mark.timeout(120)
 def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     tmp_path: Path,
@@ -139,15 +159,7 @@ def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
     good = cfg.read_text()
     err = tmp_path / "stderr.log"
-    with err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=daemon_env,
-        )
-    started.append(process)
-    wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
+    process = run_until_first_key(cfg, daemon_env, started, err, vault)
     first = vault.read_raw("monitoring/watcher_1")["access_key_id"]
     assert http_status(port, "/healthz") == 200
     assert http_status(port, "/readyz") == 200
@@ -188,15 +200,7 @@ def test_sighup_with_a_duration_too_long_for_dates_keeps_the_daemon_running(
     port = servers.free_port()
     cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
     err = tmp_path / "stderr.log"
-    with err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=daemon_env,
-        )
-    started.append(process)
-    wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
+    process = run_until_first_key(cfg, daemon_env, started, err, vault)
 
     cfg.write_text(cfg.read_text().replace("grace: 2s", "grace: 99999999999d"))
     process.send_signal(signal.SIGHUP)

@@ -28,19 +28,34 @@ def alive(pid: int) -> bool:
     return True
 
 
+def demo_env(tmp_path: Path, ports: str) -> dict[str, str]:
+    """The demo's environment: no AWS_ or VAULT_ variable of the caller's, its folder and ports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
+    env.update(ROTATOR_DEMO_DIR=str(tmp_path / "demo"), ROTATOR_DEMO_PORTS=ports)
+    return env
+
+
+def run_demo(tmp_path: Path, ports: str) -> subprocess.CompletedProcess[str]:
+    """The demo run to its end (the ports tests: it must stop before starting anything)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        cwd=ROOT,
+        env=demo_env(tmp_path, ports),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 @pytest.mark.timeout(180)
 def test_the_demo_rotates_a_key_and_ctrl_c_stops_rotator_and_both_servers(
     tmp_path: Path,
 ) -> None:
     ports = (servers.free_port(), servers.free_port(consecutive=2), servers.free_port())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
-    env.update(
-        ROTATOR_DEMO_DIR=str(tmp_path / "demo"), ROTATOR_DEMO_PORTS=",".join(map(str, ports))
-    )
     demo = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "demo.py")],
         cwd=ROOT,
-        env=env,
+        env=demo_env(tmp_path, ",".join(map(str, ports))),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -93,19 +108,7 @@ def test_a_demo_whose_port_is_taken_stops_before_starting_or_writing_anything(
         "vault cluster": (iam, held_port - 1, metrics),
         "metrics": (iam, vault, held_port),
     }[which]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
-    env.update(
-        ROTATOR_DEMO_DIR=str(tmp_path / "demo"), ROTATOR_DEMO_PORTS=",".join(map(str, ports))
-    )
-
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_demo(tmp_path, ",".join(map(str, ports)))
 
     assert done.returncode == 1, done.stdout + done.stderr
     taken = re.search(r"port ([\d, ]+) of 127\.0\.0\.1 is taken", done.stderr)
@@ -138,17 +141,7 @@ def test_a_server_on_a_taken_port_refuses_to_start_instead_of_taking_the_other_f
     ["20001,65535,20003", "20011,-5,20013", "20051,20052,20053", "20061,20061,20063", "1,2"],
 )
 def test_demo_ports_that_cannot_work_are_refused_in_one_line(tmp_path: Path, ports: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_"))}
-    env.update(ROTATOR_DEMO_DIR=str(tmp_path / "demo"), ROTATOR_DEMO_PORTS=ports)
-
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_demo(tmp_path, ports)
 
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr.startswith(f"demo: ROTATOR_DEMO_PORTS={ports!r}"), done.stderr

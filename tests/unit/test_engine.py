@@ -160,8 +160,9 @@ def test_adopted_foreign_key_is_retired_and_the_slot_freed() -> None:
     assert hand not in [k.key_id for k in w.iam.keys_of("watcher_1")]
 
 
-def test_an_adopted_key_that_was_published_stays_active_a_full_grace_after_replacement() -> None:
-    # A migration: consumers read a hand-made key K from Vault; the operator adopts it.
+def adopted_published_hand_key() -> tuple[World, str]:
+    """A migration: consumers read a hand-made key K from Vault and the operator adopts it; then
+    longer than grace passes, so K's own retire_at is past (K is protected while published)."""
     w = World()
     w.iam.users["watcher_1"] = []
     hand = w.iam.add_foreign_key("watcher_1")
@@ -173,7 +174,12 @@ def test_an_adopted_key_that_was_published_stays_active_a_full_grace_after_repla
     )
     w.engine.adopt(SPEC, hand)
     found.foreign = False  # the operator handed it over
-    w.clock.advance(minutes=3)  # longer than grace: K's own retire_at is past, K is protected
+    w.clock.advance(minutes=3)
+    return w, hand
+
+
+def test_an_adopted_key_that_was_published_stays_active_a_full_grace_after_replacement() -> None:
+    w, hand = adopted_published_hand_key()
 
     w.run()  # the first key of rotator's own is published: K is replaced now
     replaced_at = w.clock.now()
@@ -191,18 +197,7 @@ def test_an_adopted_key_that_was_published_stays_active_a_full_grace_after_repla
 def test_the_replaced_key_gets_its_grace_also_when_a_crash_followed_the_publish() -> None:
     # As above, but the process dies between the publish and the state write: the next pass
     # finishes the promotion from the stored pending key, which names the key it replaced.
-    w = World()
-    w.iam.users["watcher_1"] = []
-    hand = w.iam.add_foreign_key("watcher_1")
-    found = w.iam._find("watcher_1", hand)
-    w.vault.write_published(
-        PATH,
-        model.NewKey(hand, model.Secret(found.secret), found.created),
-        w.vault.read_published(PATH),
-    )
-    w.engine.adopt(SPEC, hand)
-    found.foreign = False
-    w.clock.advance(minutes=3)
+    w, hand = adopted_published_hand_key()
     real = w.vault.write_state
 
     def crash_on_promotion(target: str, state: model.TargetState, version: int) -> int:
