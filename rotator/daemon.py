@@ -449,6 +449,10 @@ class Daemon:
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
+        # A SIGHUP while the process started (see rotator.entry.EarlyHangup) is a reload to do.
+        if getattr(previous[signal.SIGHUP], "seen", False):
+            self._reload_requested = True
+            self._wake.set()
         # Passes may take minutes (a key still propagating): the heartbeat and the Vault probe
         # get their own threads so that long passes never starve /healthz or the watchdog.
         self._scheduler = BackgroundScheduler(

@@ -248,3 +248,44 @@ def test_a_rejected_token_names_where_it_came_from(
         assert "exported-in-the-shell" not in done.stdout + done.stderr
         assert "not-a-token-vault-knows" not in done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
+
+
+# The reload request arrives while the config loads, before the daemon's own handlers exist.
+HUP_WHILE_STARTING = """
+import os, signal, sys
+from rotator import config, entry
+load = config.load
+def load_then_hup(path):
+    os.kill(os.getpid(), signal.SIGHUP)
+    return load(path)
+config.load = load_then_hup
+raise SystemExit(entry.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_runs_not_its_end(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    port = servers.free_port()
+    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HUP_WHILE_STARTING, "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=daemon_env,
+        )
+    started.append(process)
+
+    wait_for(lambda: "config_reloaded" in err.read_text(), 30, "the reload", process)
+    wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
+    assert process.poll() is None
+    assert http_status(port, "/healthz") == 200
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
