@@ -303,6 +303,9 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_requested = False
+        # Fixed for the process's life: the pool's size and the listening address.
+        self._workers = settings.workers
+        self._listen = settings.metrics.listen
         self._clock = SystemClock(self._stop)
         self._metrics = metrics.Metrics()
         self._health = _Health()
@@ -406,8 +409,22 @@ class Daemon:
             self._metrics.record_reload(False)
             self._notifier.ready("config reload failed: kept the running config")
             return
-        if settings.metrics.listen != old.settings.metrics.listen:
-            logger.warning("metrics_listen_unchanged", reason="metrics.listen needs a restart")
+        # What the running process was built with: a reload cannot change it (the scheduler's
+        # pool and the listening socket exist once), so the running value stays, and says so.
+        if settings.metrics.listen != self._listen:
+            logger.warning(
+                "metrics_listen_unchanged",
+                reason="metrics.listen needs a restart",
+                running=self._listen,
+                configured=settings.metrics.listen,
+            )
+        if settings.workers != self._workers:
+            logger.warning(
+                "workers_unchanged",
+                reason="workers needs a restart",
+                running=self._workers,
+                configured=settings.workers,
+            )
         log.configure(format=settings.logging.format, level=settings.logging.level)
         self._runtime = runtime
         for name in set(old.specs) - set(runtime.specs):
@@ -457,7 +474,7 @@ class Daemon:
         # get their own threads so that long passes never starve /healthz or the watchdog.
         self._scheduler = BackgroundScheduler(
             executors={
-                "default": JobThreadPool(max_workers=settings.workers),
+                "default": JobThreadPool(max_workers=self._workers),
                 "control": JobThreadPool(max_workers=2),
             },
             timezone=UTC,

@@ -171,11 +171,14 @@ def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     assert process.poll() is None
 
     # a shorter max_age takes effect at once: the key's age counts from its creation date
+    other_port = servers.free_port()
     cfg.write_text(
         good.replace("max_age: 1h", "max_age: 5s")
         .replace("grace: 2s", "grace: 1s")
         .replace("inactive_period: 2s", "inactive_period: 1s")
         .replace("verify_timeout: 4s", "verify_timeout: 3s")
+        .replace("workers: 2", "workers: 3")
+        .replace(f"127.0.0.1:{port}", f"127.0.0.1:{other_port}")
     )
     process.send_signal(signal.SIGHUP)
     wait_for(
@@ -185,6 +188,12 @@ def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
         process,
     )
     assert "config_reloaded" in err.read_text()
+    # what a reload cannot change keeps its running value and says so
+    events = {e["event"]: e for e in map(json.loads, err.read_text().splitlines()) if e}
+    assert events["workers_unchanged"]["running"] == 2
+    assert events["workers_unchanged"]["configured"] == 3
+    assert events["metrics_listen_unchanged"]["running"] == f"127.0.0.1:{port}"
+    assert http_status(port, "/healthz") == 200
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 
