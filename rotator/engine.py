@@ -563,6 +563,9 @@ class Engine:
         )
 
     def _apply(self, p: _Pass, *, force: bool) -> None:
+        moved_from = _moved_from(p)
+        if moved_from is not None:
+            self._move_published(p, moved_from)
         decision = self._decide(p, force=force)
         p.decision = decision
         if self._dry_run:
@@ -800,6 +803,60 @@ class Engine:
         )
         self._flush(p)
 
+    def _move_published(self, p: _Pass, old_path: str) -> None:
+        """The config names another ``secret_path`` than the one the current key was published
+        at: the published secret follows it. The current key (still Active, verified again with
+        the secret the old path holds) is written at the new path, so consumers of either path
+        have a working key; the old path is no longer written, and its key stops working when
+        it retires after the next rotation. When the old path does not hold the current key the
+        decision publishes a fresh one instead. Nothing is ever deleted from either path."""
+        spec, current = p.spec, p.state.current
+        new_path = spec.secret_path
+        if p.state.pending is not None or current is None:
+            return  # a rotation in flight publishes at the new path; nothing published yet
+        if p.published.access_key_id == current.key_id:
+            return  # already there (a crash after the copy, or a path moved back)
+        key = p.keys.get(current.key_id)
+        found = self._store.read_published_secret(old_path)
+        copied = False
+        if key is not None and key.status is model.KeyStatus.ACTIVE and found is not None:
+            key_id, secret = found
+            if key_id == current.key_id:
+                if self._dry_run:
+                    p.actions.append(
+                        f"move_secret {key_id}: secret_path changed from {old_path}: the current "
+                        f"key is published at {new_path} too"
+                    )
+                    return
+                self._check_stop(p)
+                result = self._iam.verify_key(key_id, secret)
+                if result.outcome is model.VerifyOutcome.VALID:
+                    self._check_stop(p)
+                    p.published = self._store.write_published(
+                        new_path, model.NewKey(key_id, secret, current.created), p.published
+                    )
+                    p.actions.append(
+                        f"move_secret {key_id}: secret_path changed from {old_path}: the current "
+                        f"key is published at {new_path} too"
+                    )
+                    copied = True
+        log.warning(
+            "secret_path_changed",
+            target=spec.name,
+            old_path=old_path,
+            new_path=new_path,
+            key_id=current.key_id,
+            copied=copied,
+            note=(
+                f"{old_path} is no longer written: it keeps key {current.key_id} until that key "
+                "retires after the next rotation (then grace); point consumers at the new path"
+                if copied
+                else f"{old_path} does not hold the current key {current.key_id} (or it no "
+                f"longer works): a fresh verified key is published at {new_path}, and "
+                f"{current.key_id} retires after grace"
+            ),
+        )
+
     # --- state ---------------------------------------------------------------------------
 
     def _flush(self, p: _Pass) -> None:
@@ -990,7 +1047,15 @@ def _owned(spec: TargetSpec, stored: model.StoredState) -> model.TargetState:
     """The stored state, checked to be the target's user's and marked as such (a state written
     before users were recorded gets it at its next write)."""
     _check_owner(spec, stored.state)
-    return stored.state.replace(user=spec.user)
+    return stored.state.replace(user=spec.user, secret_path=spec.secret_path)
+
+
+def _moved_from(p: _Pass) -> str | None:
+    """The path the current key was published at, when the config now names another one."""
+    recorded = p.stored.state.secret_path
+    if recorded is None or recorded.strip("/") == p.spec.secret_path.strip("/"):
+        return None
+    return recorded
 
 
 def _movable(state: model.TargetState) -> bool:

@@ -318,6 +318,9 @@ class TargetState:
     failures: int = 0  # consecutive failed rotation attempts
     retry_after: datetime | None = None  # no new key before this (backoff after a failure)
     user: str | None = None  # the EIM user whose keys these are (None: written before 0.1.1)
+    # where the current key is published (None: written before 0.1.2); a config that names
+    # another secret_path moves the published secret there (engine._move_published)
+    secret_path: str | None = None
 
     def replace(self, **changes: Any) -> TargetState:
         return dataclasses.replace(self, **changes)
@@ -381,6 +384,7 @@ class TargetState:
         )
         doc["created_ids"] = list(self.created_ids)
         doc["user"] = self.user
+        doc["secret_path"] = self.secret_path
         doc["identity"] = {
             "digest": self.identity_digest,
             "checked_at": _fmt_opt(self.identity_checked_at),
@@ -448,6 +452,7 @@ class TargetState:
                 ),
                 created_ids=tuple(str(i) for i in doc.get("created_ids") or ()),
                 user=str(doc["user"]) if doc.get("user") else None,
+                secret_path=str(doc["secret_path"]) if doc.get("secret_path") else None,
                 identity_digest=ident.get("digest"),
                 identity_checked_at=_opt_time(ident.get("checked_at")),
                 last_success_at=_opt_time(out.get("last_success_at")),

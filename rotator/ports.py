@@ -68,6 +68,11 @@ class SecretStore(Protocol):
 
     def read_published(self, secret_path: str) -> model.Published: ...
 
+    def read_published_secret(self, secret_path: str) -> tuple[str, model.Secret] | None:
+        """The key id and secret published at ``secret_path`` (None: absent or incomplete).
+        Read only to move a target's published secret to a new path."""
+        ...
+
     def write_published(
         self, secret_path: str, key: model.NewKey, base: model.Published
     ) -> model.Published:

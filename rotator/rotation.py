@@ -348,6 +348,9 @@ def _due(
         reason = "current key is Inactive in IAM"
     elif published.access_key_id is None or published.access_key_id not in by_id:
         reason = "the published secret does not hold a key that exists in IAM"
+    elif by_id[published.access_key_id].status is model.KeyStatus.INACTIVE:
+        # an older, retired key (the secret restored, or its path moved back): consumers fail
+        reason = "the published secret holds an Inactive key"
     elif next_due is not None and now >= next_due:
         if window_open is not None and not window_open(now):
             return None, next_due

@@ -377,6 +377,15 @@ class VaultStore:
             version=version,
         )
 
+    def read_published_secret(self, secret_path: str) -> tuple[str, model.Secret] | None:
+        data, _ = self._kv_read(secret_path.strip("/"), "read the published secret")
+        if data is None:
+            return None
+        key_id, secret = data.get("access_key_id"), data.get("secret_access_key")
+        if not isinstance(key_id, str) or not isinstance(secret, str) or not key_id or not secret:
+            return None
+        return key_id, model.Secret(secret)
+
     def write_published(
         self, secret_path: str, key: model.NewKey, base: model.Published
     ) -> model.Published:

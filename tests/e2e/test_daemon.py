@@ -298,3 +298,32 @@ def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_runs_not_its_end(
     assert http_status(port, "/healthz") == 200
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_moving_the_secret_path_publishes_the_current_key_there_and_makes_none(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    cfg = write_config(tmp_path, iam_admin, vault, servers.free_port(), max_age="1h")
+    err = tmp_path / "stderr.log"
+    process = run_until_first_key(cfg, daemon_env, started, err, vault)
+    first = vault.read_raw("monitoring/watcher_1")
+
+    cfg.write_text(cfg.read_text().replace("monitoring/watcher_1", "moved/watcher_1"))
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: vault.read_raw("moved/watcher_1"), 30, "the moved secret", process)
+
+    assert vault.read_raw("moved/watcher_1") == first  # the same verified key and secret
+    assert vault.read_raw("monitoring/watcher_1") == first  # the old path left as it was
+    keys = iam_admin.client().list_access_keys(UserName="watcher_1")["AccessKeyMetadata"]
+    assert [k["AccessKeyId"] for k in keys] == [first["access_key_id"]]
+    events = [json.loads(line) for line in err.read_text().splitlines() if line]
+    [moved] = [e for e in events if e["event"] == "secret_path_changed"]
+    assert moved["old_path"] == "monitoring/watcher_1" and moved["copied"] is True
+    assert first["secret_access_key"] not in err.read_text()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0

@@ -110,6 +110,26 @@ def test_published_round_trip_puts_the_secret_in_secret_access_key_and_created_a
     assert key.secret.reveal() not in repr(read)
 
 
+def test_the_published_secret_is_read_back_only_when_complete(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    key = new_key()
+    store.write_published("team/app", key, store.read_published("team/app"))
+    vault.client().secrets.kv.v2.create_or_update_secret(
+        path="team/partial",
+        secret={"access_key_id": "AKIAPARTIAL", "secret_access_key": ""},
+        mount_point=vault.mount,
+    )
+
+    found = store.read_published_secret("team/app")
+
+    assert found is not None
+    assert found[0] == key.key_id and found[1].reveal() == key.secret.reveal()
+    assert key.secret.reveal() not in repr(found)
+    assert store.read_published_secret("team/partial") is None
+    assert store.read_published_secret("team/absent") is None
+
+
 def test_fields_another_writer_put_there_are_kept_on_read_and_write(
     store: VaultStore, vault: VaultFixture
 ) -> None:
@@ -217,6 +237,7 @@ def full_state() -> model.TargetState:
         failures=3,
         retry_after=t + timedelta(minutes=5),
         user="watcher_1",
+        secret_path="monitoring/watcher_1",
     )
 
 

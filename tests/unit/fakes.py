@@ -321,6 +321,16 @@ class FakeVault:
             doc.version,
         )
 
+    def read_published_secret(self, secret_path: str) -> tuple[str, model.Secret] | None:
+        self._check()
+        doc = self.published.get(secret_path)
+        if doc is None:
+            return None
+        key_id, secret = doc.data.get("access_key_id"), doc.data.get("secret_access_key")
+        if not key_id or not secret:
+            return None
+        return str(key_id), model.Secret(str(secret))
+
     def write_published(
         self, secret_path: str, key: model.NewKey, base: model.Published
     ) -> model.Published:

@@ -6,6 +6,7 @@ import dataclasses
 from datetime import timedelta
 
 import pytest
+import structlog.testing
 
 from rotator import engine, errors, identity, model, rotation
 from tests.unit.fakes import Crash, FakeClock, FakeIAM, FakeLock, FakeVault
@@ -278,6 +279,106 @@ def test_a_secret_rolled_back_to_the_retiring_key_recovers_instead_of_blocking_f
     published = w.vault.published_id(PATH)
     assert published not in (first.key_id, second) and w.published_works()
     assert w.state().current is not None and w.state().current.key_id == published
+
+
+NEW_PATH = "monitoring/watcher_1-v2"
+
+
+def moved(w: World, path: str) -> engine.TargetSpec:
+    """The target's config with another secret_path, from now on (the fake IAM's guard too)."""
+    w.spec = dataclasses.replace(w.spec, secret_path=path)
+    w.iam.published_id = lambda: w.vault.published_id(path)
+    return w.spec
+
+
+def test_a_changed_secret_path_gets_the_current_key_verified_and_no_new_key() -> None:
+    w = World()
+    w.run()
+    key = w.vault.published_id(PATH)
+    moved(w, NEW_PATH)
+    w.clock.advance(seconds=30)
+    w.iam.calls.clear()
+
+    with structlog.testing.capture_logs() as logs:
+        report = w.run()
+
+    assert report.ok and not report.rotated
+    assert w.vault.published_id(NEW_PATH) == key and w.published_works()
+    assert w.vault.published_id(PATH) == key  # the old path is left as it was
+    assert [k.key_id for k in w.iam.keys_of("watcher_1")] == [key]  # no key made
+    assert w.iam.calls == ["ListAccessKeys", "Verify"]  # the copy is verified; no key made
+    assert w.state().secret_path == NEW_PATH
+    [warning] = [e for e in logs if e["event"] == "secret_path_changed"]
+    assert warning["old_path"] == PATH and warning["copied"] is True
+    assert any(a.startswith(f"move_secret {key}") for a in report.actions)
+    w.clock.advance(seconds=30)
+    with structlog.testing.capture_logs() as logs:
+        assert w.run().ok
+    assert not [e for e in logs if e["event"] == "secret_path_changed"]  # once
+
+
+def test_a_changed_secret_path_whose_old_path_lost_the_key_gets_a_fresh_key_and_a_grace() -> None:
+    w = World()
+    w.run()
+    first = w.vault.published_id(PATH)
+    del w.vault.published[PATH]  # the old path was emptied by hand
+    moved(w, NEW_PATH)
+    w.clock.advance(seconds=30)
+
+    report = w.run()
+
+    assert report.ok and report.rotated
+    second = w.vault.published_id(NEW_PATH)
+    assert second not in (None, first) and w.published_works()
+    assert w.iam._find("watcher_1", first).status is model.KeyStatus.ACTIVE  # in grace
+    assert w.state().secret_path == NEW_PATH
+
+
+def test_a_secret_path_moved_back_to_a_path_holding_an_inactive_key_gets_the_current_key() -> None:
+    # At A the key K1; the path moves to B (K1 copied); a rotation publishes K2 at B and K1
+    # retires to Inactive; the path moves back to A, which still holds K1: consumers of A fail.
+    w = World()
+    w.run()
+    k1 = w.vault.published_id(PATH)
+    moved(w, NEW_PATH)
+    w.clock.advance(minutes=10)
+    w.run()  # the move, then the rotation (max_age)
+    k2 = w.vault.published_id(NEW_PATH)
+    w.clock.advance(minutes=2, seconds=30)
+    w.run()
+    assert w.iam._find("watcher_1", k1).status is model.KeyStatus.INACTIVE
+    assert w.vault.published_id(PATH) == k1
+
+    moved(w, PATH)
+    w.clock.advance(seconds=30)
+    report = w.run()
+
+    assert report.ok
+    assert w.vault.published_id(PATH) == k2 and w.published_works()
+    assert w.state().secret_path == PATH
+
+
+def test_a_published_secret_rolled_back_to_an_inactive_key_gets_a_fresh_key() -> None:
+    w = World(dataclasses.replace(SPEC, policy=dataclasses.replace(POLICY, max_keys=3)))
+    w.iam.quota = 3  # a slot for the fresh key beside the current and the Inactive one
+    w.run()
+    first = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    w.run()
+    w.clock.advance(minutes=2, seconds=30)
+    w.run()
+    old = w.iam._find("watcher_1", first)
+    assert old.status is model.KeyStatus.INACTIVE
+    doc = w.vault.published[PATH]  # a KV rollback to the version holding the retired key
+    doc.data.update(access_key_id=first, secret_access_key=old.secret)
+    doc.version += 1
+    w.clock.advance(seconds=30)
+
+    report = w.run()
+
+    assert report.ok and report.rotated, report
+    assert any("the published secret holds an Inactive key" in a for a in report.actions)
+    assert w.vault.published_id(PATH) not in (None, first) and w.published_works()
 
 
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
