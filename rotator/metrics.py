@@ -325,6 +325,7 @@ class Metrics:
         reg = self.registry
         self._targets = _TargetCollector()
         reg.register(self._targets)
+        self._gone: set[str] = set()  # targets a reload dropped (guarded by _targets.lock)
         self.build_info = Gauge(
             "rotator_build_info",
             "Always 1; the version label says which rotator runs.",
@@ -354,13 +355,17 @@ class Metrics:
         reports them; the counts (keys, foreign keys, blocked) start at 0.
         """
         with self._targets.lock:
+            self._gone.discard(target)
             if target not in self._targets.series:
                 self._targets.series[target] = _Series()
                 self._targets.changed(target)
 
     def forget_target(self, target: str) -> None:
-        """Remove every series of ``target`` (a config reload dropped it)."""
+        """Remove every series of ``target`` (a config reload dropped it). A pass of it still
+        in flight records nothing when it ends: its series would stay, frozen, and its alerts
+        (no successful pass, key too old) fire for a target that is no longer configured."""
         with self._targets.lock:
+            self._gone.add(target)
             self._targets.series.pop(target, None)
             self._targets.changed(target)
 
@@ -369,11 +374,16 @@ class Metrics:
 
         A dry run changes nothing in IAM or Vault, so only its errors and duration are recorded.
         """
-        if report.skipped is not None:
-            self.init_target(report.target)
-            return  # another replica worked on it: its metrics are that replica's to report
-        duration = max(report.duration_seconds, 0.0)
         with self._targets.lock:
+            if report.target in self._gone:
+                return
+            if report.skipped is not None:
+                # another replica worked on it: its metrics are that replica's to report
+                if report.target not in self._targets.series:
+                    self._targets.series[report.target] = _Series()
+                    self._targets.changed(report.target)
+                return
+            duration = max(report.duration_seconds, 0.0)
             series = self._targets.series.setdefault(report.target, _Series())
             self._targets.changed(report.target)
             for component in report.error_components:
@@ -411,7 +421,7 @@ class Metrics:
                 name = _ERROR_COMPONENTS[_component_index(component)]
                 errors = self._targets.global_errors
                 errors[name] = errors.get(name, 0.0) + 1
-            else:
+            elif target not in self._gone:
                 series = self._targets.series.setdefault(target, _Series())
                 series.errors[_component_index(component)] += 1
                 self._targets.changed(target)

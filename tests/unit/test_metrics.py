@@ -339,6 +339,23 @@ def test_forget_target_removes_its_label_sets_only(
     assert value(registry, "rotator_rotations_total", target="gone", result="success") == 0.0
 
 
+@pytest.mark.parametrize("skipped", [None, "lock held by replica-b"])
+def test_a_pass_of_a_forgotten_target_ending_after_the_reload_leaves_no_series(
+    m: metrics.Metrics, registry: CollectorRegistry, skipped: str | None
+) -> None:
+    m.init_target("gone")
+    m.forget_target("gone")  # the reload dropped it while its pass was in flight
+
+    m.record_pass(report(target="gone", rotated=True, skipped=skipped), NOW)
+    m.record_error("gone", "vault")
+
+    remaining = {s.labels.get("target") for f in registry.collect() for s in f.samples}
+    assert "gone" not in remaining  # else its alerts would fire for ever
+    m.init_target("gone")  # configured again: recorded again
+    m.record_pass(report(target="gone", rotated=True), NOW)
+    assert value(registry, "rotator_rotations_total", target="gone", result="success") == 1.0
+
+
 def test_forget_an_unknown_target_is_harmless(m: metrics.Metrics) -> None:
     m.forget_target("never-seen")
 
