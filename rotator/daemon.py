@@ -252,6 +252,7 @@ def build_runtime(
         dry_run=dry_run,
         lock=store,
         lock_ttl=settings.vault.lock_ttl.total_seconds(),
+        configured=specs,
     )
     return Runtime(settings, specs, worker, store)
 
@@ -362,11 +363,42 @@ class Daemon:
         try:
             report = runtime.engine.run_pass(spec)
             self._metrics.record_pass(report, self._clock.now())
+            if runtime is self._runtime:  # a rename's first pass carried a state over
+                self._metrics.set_unconfigured(len(runtime.engine.unconfigured()))
             if "vault" in report.error_components:
                 self._probe_vault()
         except Exception:  # the daemon must outlive any one target's bug
             logger.exception("job_crashed", target=name)
             self._metrics.record_error(name, "other")
+
+    def _report_unconfigured(self, runtime: Runtime) -> None:
+        """Warn of each target the config no longer names whose state still tracks keys (at
+        start and after a reload); a renamed target's first pass carries its state on."""
+        try:
+            found = runtime.engine.unconfigured()
+        except errors.RotatorError as exc:  # Vault away: the passes look again
+            logger.warning("unconfigured_check_failed", error=str(exc))
+            return
+        self._metrics.set_unconfigured(len(found))
+        users = {spec.user.lower(): spec.name for spec in runtime.specs.values()}
+        for name, stored in sorted(found.items()):
+            state = stored.state
+            heir = users.get((state.user or "").lower())
+            logger.warning(
+                "target_not_configured",
+                target=name,
+                user=state.user,
+                current_key_id=state.current.key_id if state.current else None,
+                retiring_key_ids=[r.key_id for r in state.retiring],
+                pending_key_id=state.pending.key_id if state.pending else None,
+                note=(
+                    f"target {heir} has the same user: its next pass carries this state on "
+                    "(a rename)"
+                    if heir is not None
+                    else "its keys are no longer rotated nor retired: put the target back in "
+                    "the config to finish retiring them"
+                ),
+            )
 
     def _schedule(self, runtime: Runtime) -> None:
         scheduler = self._scheduler
@@ -429,6 +461,7 @@ class Daemon:
         self._runtime = runtime
         for name in set(old.specs) - set(runtime.specs):
             self._metrics.forget_target(name)
+        self._report_unconfigured(runtime)
         self._schedule(runtime)
         self._metrics.record_reload(True)
         self._probe_vault()
@@ -496,6 +529,7 @@ class Daemon:
             coalesce=True,
             executor="control",
         )
+        self._report_unconfigured(self._runtime)
         self._schedule(self._runtime)
         freeze_long_lived()
         self._scheduler.start()

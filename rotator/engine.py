@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -246,6 +246,7 @@ class Engine:
         lock: ports.Lock | None = None,
         lock_ttl: float = 15.0,
         holder: str | None = None,
+        configured: Iterable[str] | None = None,
     ) -> None:
         self._iam = identity_port
         self._store = store
@@ -258,6 +259,13 @@ class Engine:
         self._identity_checked: dict[str, datetime] = {}
         self._shared = _SharedReads(clock)
         self._renewer = None if lock is None else _Renewer(lock, self._holder)
+        # states of targets the config does not name (see unconfigured()): a configured target
+        # without a state of its own whose user one of them tracks is that target renamed.
+        # Looked for once, at the first call or the first pass that finds no state; not at all
+        # when ``configured`` (the names the config gives) is None.
+        self._configured = frozenset(configured or ())
+        self._unconfigured: dict[str, model.StoredState] | None = None if configured else {}
+        self._scan_lock = threading.Lock()
 
     # --- the pass ------------------------------------------------------------------------
 
@@ -335,6 +343,8 @@ class Engine:
     def _observe_vault(self, spec: TargetSpec) -> _Pass:
         # Vault first: without it no IAM change may happen.
         stored = self._store.read_state(spec.name)
+        if stored.version == 0 or stored.state == model.TargetState():  # none, or deleted
+            stored = self._carry_over(spec, stored)
         published = self._store.read_published(spec.secret_path)
         return _Pass(spec=spec, stored=stored, published=published, state=_owned(spec, stored))
 
@@ -963,6 +973,89 @@ class Engine:
 
     # --- operator commands ---------------------------------------------------------------
 
+    # --- targets the config no longer names ----------------------------------------------
+
+    def unconfigured(self) -> dict[str, model.StoredState]:
+        """The states of targets the config does not name that still track keys: a target
+        removed (its keys are no longer rotated nor retired) or renamed (its next pass carries
+        the state over). A state some configured target now carries is not one of them.
+
+        Vault is listed once (``<state_path>/targets/``). A token whose policy does not grant
+        the list gets a warning once and an empty answer: passes go on, without this check."""
+        with self._scan_lock:
+            if self._unconfigured is None:
+                try:
+                    self._unconfigured = self._scan()
+                except errors.VaultDenied as exc:
+                    log.warning(
+                        "unconfigured_check_failed",
+                        error=str(exc),
+                        note="targets removed or renamed in the config are not looked for",
+                    )
+                    self._unconfigured = {}
+            return dict(self._unconfigured)
+
+    def _scan(self) -> dict[str, model.StoredState]:
+        found: dict[str, model.StoredState] = {}
+        listed = self._store.list_states()
+        for name in listed:
+            if name in self._configured:
+                continue
+            try:
+                stored = self._store.read_state(name)
+            except errors.StateSchemaError:
+                continue  # not a state this rotator can read
+            state = stored.state
+            if state.renamed_to is not None and state.renamed_to in {*self._configured, *listed}:
+                continue  # renamed: the state that carries its keys on is the one to tell of
+            if state.tracked_ids() or state.intent is not None:
+                found[name] = stored
+        return found
+
+    def _carry_over(self, spec: TargetSpec, stored: model.StoredState) -> model.StoredState:
+        """A target without a state whose user's keys the state of an unconfigured target
+        tracks: the same target under a new name. The old state is marked first
+        (``renamed_to``, all else kept: a rotator still running the old name stops there, and a
+        crash here is finished by the next pass), then written under the new name. A marked
+        state is never taken back (a stale replica would): rotator never deletes a state."""
+        mine = [
+            (name, old)
+            for name, old in self.unconfigured().items()
+            if old.state.user is not None
+            and old.state.user.lower() == spec.user.lower()
+            and old.state.renamed_to in (None, spec.name)  # marked: a crash after the mark
+        ]
+        if not mine:
+            return stored
+        if len(mine) > 1:
+            names = ", ".join(name for name, _ in mine)
+            raise errors.ConfigError(
+                f"target {spec.name}",
+                f"the keys of user {spec.user} are tracked by the states of targets {names}, "
+                "none of them in the config: name the target as one of them (it carries that "
+                "state on), or put them back until their keys are retired",
+            )
+        name, _ = mine[0]
+        old = self._store.read_state(name)  # fresh: its version fences the marking
+        if self._dry_run:
+            return model.StoredState(old.state.replace(renamed_to=None), stored.version)
+        if old.state.renamed_to != spec.name:
+            self._store.write_state(name, old.state.replace(renamed_to=spec.name), old.version)
+        carried = old.state.replace(renamed_to=None)
+        version = self._store.write_state(spec.name, carried, stored.version)
+        with self._scan_lock:
+            if self._unconfigured is not None:
+                self._unconfigured.pop(name, None)
+        log.warning(
+            "target_renamed",
+            target=spec.name,
+            old_target=name,
+            user=spec.user,
+            keys=sorted(carried.tracked_ids()),
+            note=f"the state of {name} is carried on by {spec.name}; {name} is marked renamed",
+        )
+        return model.StoredState(carried, version)
+
     def status(self, spec: TargetSpec) -> StatusView:
         """Observe a target without changing anything."""
         stored = self._store.read_state(spec.name)
@@ -1065,7 +1158,17 @@ def _movable(state: model.TargetState) -> bool:
 
 def _check_owner(spec: TargetSpec, state: model.TargetState) -> None:
     """The keys a state tracks belong to the user it was written for: a target whose user was
-    changed in the config would otherwise lose track of the old user's keys (still valid)."""
+    changed in the config would otherwise lose track of the old user's keys (still valid).
+    A state marked renamed is carried on by another target: this config is out of date."""
+    if state.renamed_to is not None:
+        raise errors.ConfigError(
+            f"target {spec.name}",
+            f"its state and keys are carried on by target {state.renamed_to} since a config "
+            f"renamed it; this config still names {spec.name}: use the config that names "
+            f"{state.renamed_to}. To rename it back, delete this marked state first (`bao kv "
+            f"metadata delete` on it): the next pass of {spec.name} then carries "
+            f"{state.renamed_to}'s state back",
+        )
     if state.user == spec.user or _movable(state):
         return
     keys = ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"

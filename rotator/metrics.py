@@ -337,6 +337,12 @@ class Metrics:
             "1 when the config is loaded and Vault authentication works (what /readyz says).",
             registry=reg,
         )
+        self.unconfigured = Gauge(
+            "rotator_unconfigured_targets",
+            "States in Vault of targets the config does not name that still track keys "
+            "(a target removed from the config): their keys are no longer rotated nor retired.",
+            registry=reg,
+        )
         self.config_reloads = Counter(
             "rotator_config_reloads_total",
             "Configuration reloads (SIGHUP), by result; a failed reload keeps the old config.",
@@ -432,6 +438,9 @@ class Metrics:
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
+
+    def set_unconfigured(self, count: int) -> None:
+        self.unconfigured.set(count)
 
     def set_build_info(self, version: str) -> None:
         """Export ``rotator_build_info{version} 1`` (replacing any previous version)."""

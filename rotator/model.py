@@ -321,6 +321,9 @@ class TargetState:
     # where the current key is published (None: written before 0.1.2); a config that names
     # another secret_path moves the published secret there (engine._move_published)
     secret_path: str | None = None
+    # set on the state of a target renamed in the config: the target that carries its keys now
+    # (engine._carry_over); a pass of a target whose state says so stops with an error
+    renamed_to: str | None = None
 
     def replace(self, **changes: Any) -> TargetState:
         return dataclasses.replace(self, **changes)
@@ -385,6 +388,7 @@ class TargetState:
         doc["created_ids"] = list(self.created_ids)
         doc["user"] = self.user
         doc["secret_path"] = self.secret_path
+        doc["renamed_to"] = self.renamed_to
         doc["identity"] = {
             "digest": self.identity_digest,
             "checked_at": _fmt_opt(self.identity_checked_at),
@@ -453,6 +457,7 @@ class TargetState:
                 created_ids=tuple(str(i) for i in doc.get("created_ids") or ()),
                 user=str(doc["user"]) if doc.get("user") else None,
                 secret_path=str(doc["secret_path"]) if doc.get("secret_path") else None,
+                renamed_to=str(doc["renamed_to"]) if doc.get("renamed_to") else None,
                 identity_digest=ident.get("digest"),
                 identity_checked_at=_opt_time(ident.get("checked_at")),
                 last_success_at=_opt_time(out.get("last_success_at")),

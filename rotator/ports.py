@@ -88,6 +88,10 @@ class SecretStore(Protocol):
         """Write with check-and-set on ``version``; returns the new version."""
         ...
 
+    def list_states(self) -> list[str]:
+        """The names of the targets that have a state, configured or not."""
+        ...
+
 
 class Lock(Protocol):
     """Per-target lease locks in Vault (DESIGN.md section 3)."""

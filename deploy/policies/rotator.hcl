@@ -11,9 +11,16 @@ path "secret/data/monitoring/watcher_1" {
 }
 
 # rotator's private state (<state_path>/targets/<target>) and per-target lease locks
-# (<state_path>/locks/<target>). rotator reads the latest version only (no metadata calls).
+# (<state_path>/locks/<target>). rotator reads the latest version only (no metadata reads).
 path "secret/data/rotator/*" {
   capabilities = ["create", "read", "update"]
+}
+
+# Which targets have a state (at start and after a reload): a target removed from the config
+# whose state still tracks keys is warned of, and a renamed one carries its state on. Without it
+# rotator logs unconfigured_check_failed once and goes on.
+path "secret/metadata/rotator/targets/" {
+  capabilities = ["list"]
 }
 
 # At start and in the readiness probe: "is this mount KV version 2?".

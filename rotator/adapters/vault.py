@@ -415,6 +415,24 @@ class VaultStore:
             self._state(target), state.to_document(), version, f"write the state of target {target}"
         )
 
+    def list_states(self) -> list[str]:
+        """The targets that have a state (LIST on the metadata of ``<state_path>/targets/``)."""
+        path = f"{self._state_path}/targets"
+        op = _Op("list", f"{self._mount}/metadata/{path}", "list the targets that have a state")
+
+        def call(client: Any) -> Any:
+            try:
+                return client.secrets.kv.v2.list_secrets(path=path, mount_point=self._mount)
+            except hvac.exceptions.InvalidPath as exc:
+                if _missing_route(exc):
+                    raise
+                return {}  # no state at all yet
+
+        keys = _mapping(_mapping(self._call(op, call)).get("data")).get("keys") or []
+        if not isinstance(keys, list):
+            raise self._not_kv_v2()
+        return sorted(str(k) for k in keys if isinstance(k, str) and not k.endswith("/"))
+
     # --- Lock ----------------------------------------------------------------------------
 
     def acquire(self, target: str, holder: str, ttl_seconds: float) -> model.Grant | None:

@@ -134,6 +134,8 @@ def test_rotator_runs_with_only_its_vault_and_eim_policies(
 
     first = _rotator(cfg, "run", "--once")
     assert first.returncode == 0, first.stdout + first.stderr
+    # the list of the targets' states (removed or renamed targets) is granted too
+    assert "unconfigured_check_failed" not in first.stdout + first.stderr
     published = vault.read_raw(SECRET_PATH)
     assert published is not None and published["access_key_id"].startswith(("AKIA", "ASIA"))
     assert vault.read_raw("rotator/targets/monitoring") is not None

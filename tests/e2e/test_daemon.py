@@ -327,3 +327,54 @@ def test_a_reload_moving_the_secret_path_publishes_the_current_key_there_and_mak
     assert first["secret_access_key"] not in err.read_text()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_renamed_target_carries_its_keys_on_and_a_removed_one_is_warned_of(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    port = servers.free_port()
+    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
+    err = tmp_path / "stderr.log"
+    process = run_until_first_key(cfg, daemon_env, started, err, vault)
+    key = vault.read_raw("monitoring/watcher_1")["access_key_id"]
+    original = cfg.read_text()
+
+    def events(name: str) -> list[dict[str, Any]]:
+        lines = (json.loads(line) for line in err.read_text().splitlines() if line)
+        return [e for e in lines if e["event"] == name]
+
+    cfg.write_text(original.replace("- name: monitoring\n", "- name: monitor2\n"))
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: events("target_renamed"), 30, "the rename carried over", process)
+    wait_for(lambda: any(e["target"] == "monitor2" for e in events("pass_summary")), 30, "a pass")
+
+    [renamed] = events("target_renamed")
+    assert renamed["old_target"] == "monitoring" and renamed["keys"] == [key]
+    [seen] = events("target_not_configured")  # at the reload, before the pass carried it on
+    assert seen["target"] == "monitoring" and "carries this state on" in seen["note"]
+    keys = iam_admin.client().list_access_keys(UserName="watcher_1")["AccessKeyMetadata"]
+    assert [k["AccessKeyId"] for k in keys] == [key]  # no new key, nothing foreign
+    assert vault.read_raw("rotator/targets/monitor2")["current"]["key_id"] == key
+    assert vault.read_raw("rotator/targets/monitoring")["renamed_to"] == "monitor2"
+    summary = [e for e in events("pass_summary") if e["target"] == "monitor2"][-1]
+    assert summary["ok"] and summary["foreign_keys"] == 0 and not summary["rotated"]
+
+    # removed: another target only; the state of monitor2 still tracks the key
+    cfg.write_text(
+        original.replace("- name: monitoring\n", "- name: other\n")
+        .replace("user: watcher_1", "user: watcher_2")
+        .replace("secret_path: monitoring/watcher_1", "secret_path: other/watcher_2")
+    )
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(events("target_not_configured")) == 2, 30, "the warning", process)
+    removed = events("target_not_configured")[-1]
+    assert removed["target"] == "monitor2" and removed["current_key_id"] == key
+    assert "no longer rotated nor retired" in removed["note"]
+    assert scrape(port)["rotator_unconfigured_targets"] == 1
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0

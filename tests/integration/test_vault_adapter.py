@@ -238,7 +238,20 @@ def full_state() -> model.TargetState:
         retry_after=t + timedelta(minutes=5),
         user="watcher_1",
         secret_path="monitoring/watcher_1",
+        renamed_to="monitor2",
     )
+
+
+def test_list_states_names_the_targets_that_have_a_state_and_nothing_else(
+    store: VaultStore,
+) -> None:
+    assert store.list_states() == []  # nothing written yet: no error either
+    store.write_state("monitoring", model.TargetState(user="watcher_1"), 0)
+    store.write_state("fleet-01", model.TargetState(user="user-fleet-01"), 0)
+    store.write_published("rotator-not-a-state", new_key(), model.Published(None, None))
+    store.acquire("monitoring", "holder-a", 10)  # a lock is not a state
+
+    assert store.list_states() == ["fleet-01", "monitoring"]
 
 
 def test_state_round_trip_preserves_every_field_including_the_pending_secret(

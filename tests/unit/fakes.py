@@ -284,6 +284,7 @@ class FakeVault:
     writes: int = 0
     state_reads: int = 0
     published_history: list[str] = field(default_factory=list)
+    deny_list: bool = False  # a policy without `list` on the states
 
     def _check(self, mutating: bool = False) -> bool:
         if self.down:
@@ -359,6 +360,12 @@ class FakeVault:
         if doc is None:
             return model.StoredState(model.TargetState(), 0)
         return model.StoredState(model.TargetState.from_document(doc.data), doc.version)
+
+    def list_states(self) -> list[str]:
+        self._check()
+        if self.deny_list:
+            raise errors.VaultDenied("Vault denied `list` on `secret/metadata/rotator/targets`")
+        return sorted(self.states)
 
     def write_state(self, target: str, state: model.TargetState, version: int) -> int:
         apply_then_crash = self._check(True)

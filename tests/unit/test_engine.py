@@ -381,6 +381,107 @@ def test_a_published_secret_rolled_back_to_an_inactive_key_gets_a_fresh_key() ->
     assert w.vault.published_id(PATH) not in (None, first) and w.published_works()
 
 
+def configured_as(w: World, *specs: engine.TargetSpec) -> None:
+    """A new process whose config names ``specs`` (and no other target)."""
+    w.engine = engine.Engine(w.iam, w.vault, w.clock, configured=[s.name for s in specs])
+
+
+def test_a_renamed_target_carries_its_state_on_and_makes_no_key() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    w.run()  # a rotation: one current key, one retiring
+    before = w.state()
+    renamed = dataclasses.replace(SPEC, name="monitor2")
+    configured_as(w, renamed)
+    w.clock.advance(seconds=30)
+
+    with structlog.testing.capture_logs() as logs:
+        report = w.engine.run_pass(renamed)
+
+    assert report.ok and not report.rotated and report.foreign_keys == 0
+    carried = w.vault.read_state("monitor2").state
+    assert carried.current == before.current and carried.retiring == before.retiring
+    assert w.vault.read_state("monitoring").state.renamed_to == "monitor2"
+    assert len(w.iam.keys_of("watcher_1")) == 2  # no key made
+    [renaming] = [e for e in logs if e["event"] == "target_renamed"]
+    assert renaming["old_target"] == "monitoring"
+    assert w.engine.unconfigured() == {}
+    # the retiring key is still retired on time, by the new name
+    w.clock.advance(minutes=2)
+    w.engine.run_pass(renamed)
+    retired = before.retiring[0].key_id
+    assert w.iam._find("watcher_1", retired).status is model.KeyStatus.INACTIVE
+
+
+def test_a_rotator_still_running_the_old_name_stops_with_an_error_and_touches_nothing() -> None:
+    w = World()
+    w.run()
+    renamed = dataclasses.replace(SPEC, name="monitor2")
+    configured_as(w, renamed)
+    w.engine.run_pass(renamed)
+    keys = [(k.key_id, k.status) for k in w.iam.keys_of("watcher_1")]
+    stale = engine.Engine(w.iam, w.vault, w.clock, configured=["monitoring"])
+    w.clock.advance(minutes=11)  # the old name's key is due by now
+
+    report = stale.run_pass(SPEC)
+
+    assert not report.ok and report.error is not None
+    assert "carried on by target monitor2" in report.error
+    assert [(k.key_id, k.status) for k in w.iam.keys_of("watcher_1")] == keys
+
+
+def test_a_target_renamed_back_takes_its_state_back_once_the_marked_state_is_deleted() -> None:
+    w = World()
+    w.run()
+    key = w.vault.published_id(PATH)
+    renamed = dataclasses.replace(SPEC, name="monitor2")
+    configured_as(w, renamed)
+    w.engine.run_pass(renamed)
+    configured_as(w, SPEC)
+    w.clock.advance(seconds=30)
+    refused = w.run()
+    assert not refused.ok and "delete this marked state first" in (refused.error or "")
+    del w.vault.states["monitoring"]  # what the error says to do
+    configured_as(w, SPEC)
+
+    report = w.run()
+
+    assert report.ok and not report.rotated
+    assert w.state().current is not None and w.state().current.key_id == key
+    assert w.vault.read_state("monitor2").state.renamed_to == "monitoring"
+
+
+def test_a_removed_target_that_still_tracks_keys_is_listed_and_an_empty_one_is_not() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    w.run()  # monitoring: current + retiring
+    other = dataclasses.replace(SPEC, name="other", user="watcher_2", secret_path="o/w2")
+    w.vault.states["empty"] = w.vault.states["monitoring"].__class__(
+        model.TargetState(user="nobody").to_document(), 1
+    )
+    configured_as(w, other)
+
+    found = w.engine.unconfigured()
+
+    assert list(found) == ["monitoring"]
+    assert found["monitoring"].state.retiring
+
+
+def test_a_policy_without_list_gets_one_warning_and_the_passes_go_on() -> None:
+    w = World()
+    w.vault.deny_list = True
+    configured_as(w, SPEC)
+
+    with structlog.testing.capture_logs() as logs:
+        first = w.run()
+        assert w.engine.unconfigured() == {}
+
+    assert first.ok and first.rotated
+    assert [e["event"] for e in logs].count("unconfigured_check_failed") == 1
+
+
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
     w = World()
     w.run()
