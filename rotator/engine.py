@@ -1083,9 +1083,11 @@ class Engine:
             if key is None:
                 retiring.append((r.key_id, "gone", None))
             elif key.status is model.KeyStatus.ACTIVE:
-                retiring.append((r.key_id, "grace (Active)", r.retire_at))
+                retiring.append(
+                    (r.key_id, "grace (Active)", rotation.retire_deadline(r, spec.policy))
+                )
             else:
-                retiring.append((r.key_id, "Inactive", r.delete_at))
+                retiring.append((r.key_id, "Inactive", rotation.delete_deadline(r, spec.policy)))
         return StatusView(
             target=spec.name,
             user=spec.user,

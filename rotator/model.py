@@ -266,12 +266,16 @@ class CurrentKey:
 
 @dataclass(frozen=True)
 class RetiringKey:
-    """An old key on its way out: Active until ``retire_at``, Inactive until ``delete_at``."""
+    """An old key on its way out: Active until ``retire_at``, Inactive until ``delete_at``.
+
+    ``since`` is when it began to retire (None: written before 0.1.2): a grace lengthened by a
+    reload afterwards still applies to it (rotation.retire_deadline)."""
 
     key_id: str
     retire_at: datetime
     deactivated_at: datetime | None = None
     delete_at: datetime | None = None
+    since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,7 @@ class TargetState:
                 "retire_at": format_time(r.retire_at),
                 "deactivated_at": _fmt_opt(r.deactivated_at),
                 "delete_at": _fmt_opt(r.delete_at),
+                "since": _fmt_opt(r.since),
             }
             for r in self.retiring
         ]
@@ -434,6 +439,7 @@ class TargetState:
                         retire_at=parse_time(r["retire_at"]),
                         deactivated_at=_opt_time(r.get("deactivated_at")),
                         delete_at=_opt_time(r.get("delete_at")),
+                        since=_opt_time(r.get("since")),
                     )
                     for r in doc.get("retiring") or ()
                 ),

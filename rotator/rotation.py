@@ -55,6 +55,7 @@ Rules that hold whatever the inputs (property-tested):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -252,7 +253,7 @@ def decide(
         elif retiring.key_id in protected:
             continue  # the published key is never retired, whatever the state says
         elif retiring_key.status is model.KeyStatus.ACTIVE:
-            if now >= retiring.retire_at:
+            if now >= retire_deadline(retiring, policy):
                 actions.append(
                     Action(ActionKind.DEACTIVATE, "grace period is over", retiring.key_id)
                 )
@@ -264,8 +265,10 @@ def decide(
                     retiring.key_id,
                 )
             )
-        elif now >= retiring.delete_at:
-            delete(ActionKind.DELETE_RETIRED, retiring.key_id, "inactive period is over")
+        else:
+            deadline = delete_deadline(retiring, policy)
+            if deadline is not None and now >= deadline:
+                delete(ActionKind.DELETE_RETIRED, retiring.key_id, "inactive period is over")
 
     foreign = tuple(
         k.key_id
@@ -293,6 +296,22 @@ def decide(
     return Decision(tuple(actions), due_reason, next_due, foreign)
 
 
+def retire_deadline(retiring: model.RetiringKey, policy: Policy) -> datetime:
+    """When a retiring key may be made Inactive: the deadline set when it began to retire, or
+    later if a reload has lengthened grace since (a shorter grace never cuts a given one)."""
+    if retiring.since is None:
+        return retiring.retire_at
+    return max(retiring.retire_at, retiring.since + policy.grace)
+
+
+def delete_deadline(retiring: model.RetiringKey, policy: Policy) -> datetime | None:
+    """When an Inactive retiring key may be deleted (None: not scheduled): as above, for
+    inactive_period counted from the deactivation."""
+    if retiring.delete_at is None or retiring.deactivated_at is None:
+        return retiring.delete_at
+    return max(retiring.delete_at, retiring.deactivated_at + policy.inactive_period)
+
+
 def _rolled_back_to(
     by_id: dict[str, model.AccessKey], state: model.TargetState, published_id: str | None
 ) -> model.AccessKey | None:
@@ -317,7 +336,9 @@ def reinstate(
     old = state.current
     retiring = [r for r in state.retiring if r.key_id != key.key_id]
     if old is not None:
-        retiring.append(model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace))
+        retiring.append(
+            model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace, since=now)
+        )
     return state.replace(
         current=model.CurrentKey(
             key_id=key.key_id, created=key.created, published_at=now, verified_at=now
@@ -468,10 +489,12 @@ def promote(
     old = state.current
     if old is not None and old.key_id != pending.key_id:
         retiring = [r for r in retiring if r.key_id != old.key_id]
-        retiring.append(model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace))
+        retiring.append(
+            model.RetiringKey(key_id=old.key_id, retire_at=now + policy.grace, since=now)
+        )
     if replaced is not None and replaced != pending.key_id:
         retiring = [
-            model.RetiringKey(r.key_id, retire_at=max(r.retire_at, now + policy.grace))
+            model.RetiringKey(r.key_id, retire_at=max(r.retire_at, now + policy.grace), since=now)
             if r.key_id == replaced and r.deactivated_at is None
             else r
             for r in retiring
@@ -499,12 +522,7 @@ def deactivated(
     """The state once a retiring key is Inactive: it will be deleted after inactive_period."""
     return state.replace(
         retiring=tuple(
-            model.RetiringKey(
-                key_id=r.key_id,
-                retire_at=r.retire_at,
-                deactivated_at=now,
-                delete_at=now + policy.inactive_period,
-            )
+            dataclasses.replace(r, deactivated_at=now, delete_at=now + policy.inactive_period)
             if r.key_id == key_id
             else r
             for r in state.retiring
@@ -520,12 +538,13 @@ def adopt(
     state: model.TargetState, key: model.AccessKey, policy: Policy, now: datetime
 ) -> model.TargetState:
     """Take over a foreign key: it retires through grace, Inactive, delete like our own."""
-    retiring = model.RetiringKey(key_id=key.key_id, retire_at=now + policy.grace)
+    retiring = model.RetiringKey(key_id=key.key_id, retire_at=now + policy.grace, since=now)
     if key.status is model.KeyStatus.INACTIVE:
         retiring = model.RetiringKey(
             key_id=key.key_id,
             retire_at=now,
             deactivated_at=now,
             delete_at=now + policy.inactive_period,
+            since=now,
         )
     return state.replace(retiring=(*state.retiring, retiring)).remember_created(key.key_id)

@@ -215,7 +215,13 @@ def full_state() -> model.TargetState:
         current=model.CurrentKey("AKIACURRENT", t, t + timedelta(seconds=5), t + timedelta(1)),
         retiring=(
             model.RetiringKey("AKIAOLD1", t + timedelta(days=1)),
-            model.RetiringKey("AKIAOLD2", t, deactivated_at=t, delete_at=t + timedelta(days=3)),
+            model.RetiringKey(
+                "AKIAOLD2",
+                t,
+                deactivated_at=t,
+                delete_at=t + timedelta(days=3),
+                since=t - timedelta(days=1),
+            ),
         ),
         pending=model.PendingKey(
             "AKIAPENDING",

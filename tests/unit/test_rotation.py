@@ -106,6 +106,67 @@ def test_retiring_key_is_deactivated_after_grace_then_deleted_after_inactive_per
     assert kinds(late) == [ActionKind.DELETE_RETIRED]
 
 
+def test_a_grace_lengthened_by_a_reload_applies_to_a_key_already_retiring() -> None:
+    started = T0 - timedelta(hours=25)  # began to retire 25 h ago, under a grace of 1 day
+    state = model.TargetState(
+        current=current("K2", timedelta(hours=25)),
+        retiring=(model.RetiringKey("K1", retire_at=started + POLICY.grace, since=started),),
+        created_ids=("K1", "K2"),
+    )
+    keys = [key("K1", age=timedelta(days=31)), key("K2", age=timedelta(hours=25))]
+    longer = rotation.Policy(**{**POLICY.__dict__, "grace": timedelta(days=2)})
+    shorter = rotation.Policy(**{**POLICY.__dict__, "grace": timedelta(hours=1)})
+
+    assert kinds(rotation.decide(keys, state, published("K2"), POLICY, T0)) == [
+        ActionKind.DEACTIVATE
+    ]
+    assert kinds(rotation.decide(keys, state, published("K2"), longer, T0)) == []
+    later = started + timedelta(days=2)
+    assert kinds(rotation.decide(keys, state, published("K2"), longer, later)) == [
+        ActionKind.DEACTIVATE
+    ]
+    # a shorter grace never cuts the one given: still not before the stored deadline
+    early = started + timedelta(hours=2)
+    assert kinds(rotation.decide(keys, state, published("K2"), shorter, early)) == []
+
+
+def test_an_inactive_period_lengthened_by_a_reload_applies_to_a_key_already_inactive() -> None:
+    off = T0 - timedelta(days=3, hours=1)
+    state = model.TargetState(
+        current=current("K2", timedelta(days=5)),
+        retiring=(
+            model.RetiringKey(
+                "K1",
+                retire_at=off,
+                deactivated_at=off,
+                delete_at=off + POLICY.inactive_period,
+                since=off - POLICY.grace,
+            ),
+        ),
+        created_ids=("K1", "K2"),
+    )
+    keys = [key("K1", I, age=timedelta(days=35)), key("K2", age=timedelta(days=5))]
+    longer = rotation.Policy(**{**POLICY.__dict__, "inactive_period": timedelta(days=7)})
+
+    assert kinds(rotation.decide(keys, state, published("K2"), POLICY, T0)) == [
+        ActionKind.DELETE_RETIRED
+    ]
+    assert kinds(rotation.decide(keys, state, published("K2"), longer, T0)) == []
+
+
+def test_a_retiring_key_written_before_since_existed_keeps_its_stored_deadline() -> None:
+    state = model.TargetState(
+        current=current("K2", timedelta(hours=25)),
+        retiring=(model.RetiringKey("K1", retire_at=T0 - timedelta(hours=1)),),
+        created_ids=("K1", "K2"),
+    )
+    keys = [key("K1", age=timedelta(days=31)), key("K2", age=timedelta(hours=25))]
+    longer = rotation.Policy(**{**POLICY.__dict__, "grace": timedelta(days=7)})
+    assert kinds(rotation.decide(keys, state, published("K2"), longer, T0)) == [
+        ActionKind.DEACTIVATE
+    ]
+
+
 def test_the_published_key_is_never_retired_even_if_state_says_so() -> None:
     state = model.TargetState(
         current=current("K2"),
@@ -292,7 +353,7 @@ def test_a_published_retiring_key_is_current_again_and_the_current_key_retires()
     assert [(a.kind, a.key_id) for a in d.actions] == [(ActionKind.REINSTATE, "K1")]
     after = rotation.reinstate(state, keys[0], POLICY, T0)
     assert after.current is not None and after.current.key_id == "K1"
-    assert after.retiring == (model.RetiringKey("K2", T0 + POLICY.grace),)
+    assert after.retiring == (model.RetiringKey("K2", T0 + POLICY.grace, since=T0),)
 
 
 def test_no_reinstatement_while_a_rotation_is_in_flight_or_of_an_inactive_key() -> None:
