@@ -237,6 +237,29 @@ def config_warnings(specs: Iterable[engine.TargetSpec]) -> list[str]:
     return notes
 
 
+def moved_storage(old: config.Settings, new: config.Settings) -> list[str]:
+    """What a reload changes that rotator cannot move: where the states are, and which IAM
+    account the keys are in. Loaded as asked; said, since the targets start over there."""
+    notes: list[str] = []
+    where = ("address", "mount", "state_path")
+    before = tuple(getattr(old.vault, name) for name in where)
+    after = tuple(getattr(new.vault, name) for name in where)
+    if before != after:
+        notes.append(
+            f"the states moved from {before[0]} {before[1]}/{before[2]} to {after[0]} "
+            f"{after[1]}/{after[2]}: rotator does not move them, so each target starts over "
+            "there and the keys its old state tracks count as foreign (retiring ones are not "
+            "retired); copy the states to the new place, or adopt those keys"
+        )
+    if old.eim.endpoint_url != new.eim.endpoint_url:
+        notes.append(
+            f"eim endpoint changed from {old.eim.endpoint_url} to {new.eim.endpoint_url}: the "
+            "keys the states track were made there; on another account they are not found, "
+            "and are forgotten (still valid where they are): revert, or retire them by hand"
+        )
+    return notes
+
+
 def build_runtime(
     settings: config.Settings, clock: SystemClock, *, dry_run: bool = False
 ) -> Runtime:
@@ -450,6 +473,8 @@ class Daemon:
                 running=self._listen,
                 configured=settings.metrics.listen,
             )
+        for note in moved_storage(old.settings, settings):
+            logger.warning("config_warning", warning=note)
         if settings.workers != self._workers:
             logger.warning(
                 "workers_unchanged",
