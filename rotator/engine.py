@@ -1006,7 +1006,7 @@ class Engine:
             except errors.StateSchemaError:
                 continue  # not a state this rotator can read
             state = stored.state
-            if state.renamed_to is not None and state.renamed_to in {*self._configured, *listed}:
+            if state.renamed_to is not None and state.renamed_to in listed:
                 continue  # renamed: the state that carries its keys on is the one to tell of
             if state.tracked_ids() or state.intent is not None:
                 found[name] = stored

@@ -414,6 +414,20 @@ def test_a_renamed_target_carries_its_state_on_and_makes_no_key() -> None:
     assert w.iam._find("watcher_1", retired).status is model.KeyStatus.INACTIVE
 
 
+def test_a_rename_interrupted_after_marking_the_old_state_is_finished_by_the_next_pass() -> None:
+    w = World()
+    w.run()
+    old = w.vault.read_state("monitoring")
+    w.vault.write_state("monitoring", old.state.replace(renamed_to="monitor2"), old.version)
+    renamed = dataclasses.replace(SPEC, name="monitor2")
+    configured_as(w, renamed)  # a new process: the crash came before the new state was written
+
+    report = w.engine.run_pass(renamed)
+
+    assert report.ok and not report.rotated and report.foreign_keys == 0
+    assert w.vault.read_state("monitor2").state.current == old.state.current
+
+
 def test_a_rotator_still_running_the_old_name_stops_with_an_error_and_touches_nothing() -> None:
     w = World()
     w.run()
