@@ -12,6 +12,7 @@ it fail, the running config is kept and the failure logged and counted.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -387,7 +388,8 @@ class Daemon:
             report = runtime.engine.run_pass(spec)
             self._metrics.record_pass(report, self._clock.now())
             if runtime is self._runtime:  # a rename's first pass carried a state over
-                self._metrics.set_unconfigured(len(runtime.engine.unconfigured()))
+                with contextlib.suppress(errors.RotatorError):  # Vault away: the next pass
+                    self._metrics.set_unconfigured(len(runtime.engine.unconfigured()))
             if "vault" in report.error_components:
                 self._probe_vault()
         except Exception:  # the daemon must outlive any one target's bug
