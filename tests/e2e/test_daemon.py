@@ -376,5 +376,9 @@ def test_a_renamed_target_carries_its_keys_on_and_a_removed_one_is_warned_of(
     assert removed["target"] == "monitor2" and removed["current_key_id"] == key
     assert "no longer rotated nor retired" in removed["note"]
     assert scrape(port)["rotator_unconfigured_targets"] == 1
+    status = run_rotator(cfg, daemon_env, "status", "--json")
+    rows = {row["target"]: row for row in json.loads(status.stdout)}
+    assert set(rows) == {"other", "monitor2"}, status.stdout + status.stderr
+    assert f"not in the config; its state tracks {key} (current)" in rows["monitor2"]["error"]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
