@@ -832,10 +832,13 @@ class Engine:
         if key is not None and key.status is model.KeyStatus.ACTIVE and found is not None:
             key_id, secret = found
             if key_id == current.key_id:
-                if self._dry_run:
+                if self._dry_run:  # plan the rest as if it had been copied
                     p.actions.append(
                         f"move_secret {key_id}: secret_path changed from {old_path}: the current "
                         f"key is published at {new_path} too"
+                    )
+                    p.published = dataclasses.replace(
+                        p.published, access_key_id=key_id, created_at=current.created
                     )
                     return
                 self._check_stop(p)

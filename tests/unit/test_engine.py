@@ -623,6 +623,20 @@ def test_dry_run_plans_but_changes_nothing() -> None:
     assert w.iam.groups == {} and w.vault.states == {} and w.vault.published == {}
 
 
+def test_a_dry_run_after_a_secret_path_change_plans_the_copy_and_no_new_key() -> None:
+    w = World()
+    w.run()
+    key = w.vault.published_id(PATH)
+    spec = moved(w, NEW_PATH)
+    w.clock.advance(seconds=30)
+
+    report = engine.Engine(w.iam, w.vault, w.clock, dry_run=True).run_pass(spec)
+
+    assert report.dry_run and report.ok
+    assert [a.split(":")[0] for a in report.actions] == [f"move_secret {key}"]
+    assert w.vault.published_id(NEW_PATH) is None and w.state().secret_path == PATH
+
+
 def test_secret_write_failure_after_create_deletes_the_key_at_once() -> None:
     w = World()
     w.run()
