@@ -336,7 +336,8 @@ def _unconfigured_rows(runtime: daemon.Runtime) -> list[dict[str, Any]]:
         keys += [f"{state.pending.key_id} (pending)"] if state.pending else []
         heir = users.get((state.user or "").lower())
         fate = (
-            f"target {heir} has its user: its next pass carries this state on"
+            f"target {heir} has its user: its next pass carries this state on, unless it has a "
+            "state of its own"
             if heir
             else "they are no longer rotated nor retired: put the target back to finish"
         )

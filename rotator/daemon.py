@@ -417,8 +417,8 @@ class Daemon:
                 retiring_key_ids=[r.key_id for r in state.retiring],
                 pending_key_id=state.pending.key_id if state.pending else None,
                 note=(
-                    f"target {heir} has the same user: its next pass carries this state on "
-                    "(a rename)"
+                    f"target {heir} has the same user: its next pass carries this state on (a "
+                    "rename), unless it has a state of its own"
                     if heir is not None
                     else "its keys are no longer rotated nor retired: put the target back in "
                     "the config to finish retiring them"

@@ -266,6 +266,8 @@ class Engine:
         self._configured = frozenset(configured or ())
         self._unconfigured: dict[str, model.StoredState] | None = None if configured else {}
         self._scan_lock = threading.Lock()
+        self._scan_denied: str | None = None  # why the states could not be listed
+        self._unlisted_warned: set[str] = set()
 
     # --- the pass ------------------------------------------------------------------------
 
@@ -342,9 +344,7 @@ class Engine:
 
     def _observe_vault(self, spec: TargetSpec) -> _Pass:
         # Vault first: without it no IAM change may happen.
-        stored = self._store.read_state(spec.name)
-        if stored.version == 0 or stored.state == model.TargetState():  # none, or deleted
-            stored = self._carry_over(spec, stored)
+        stored = self._state_of(spec)
         published = self._store.read_published(spec.secret_path)
         return _Pass(spec=spec, stored=stored, published=published, state=_owned(spec, stored))
 
@@ -882,7 +882,11 @@ class Engine:
     def _outcome(self, p: _Pass) -> model.TargetState:
         """The state with this pass's outcome recorded (what `status` reads)."""
         now = self._clock.now()
-        state = p.state.replace(next_due_at=rotation.next_due(p.state, p.spec.policy))
+        state = p.state.replace(
+            next_due_at=rotation.next_due(p.state, p.spec.policy),
+            # a grace lengthened by a reload is written down: a later shorter one cannot cut it
+            retiring=rotation.deadlines_in_force(p.state.retiring, p.spec.policy),
+        )
         if state.last_error is not None and not p.rotation_failed and p.blocked is None:
             state = state.replace(last_error=None)
         if p.blocked is not None:
@@ -990,6 +994,7 @@ class Engine:
                 try:
                     self._unconfigured = self._scan()
                 except errors.VaultDenied as exc:
+                    self._scan_denied = str(exc)
                     log.warning(
                         "unconfigured_check_failed",
                         error=str(exc),
@@ -1015,7 +1020,50 @@ class Engine:
                 found[name] = stored
         return found
 
-    def _carry_over(self, spec: TargetSpec, stored: model.StoredState) -> model.StoredState:
+    def _state_of(self, spec: TargetSpec, *, write: bool = True) -> model.StoredState:
+        """The target's stored state, carried over from its old name first when it has none
+        (see _carry_over); ``write`` False (status) shows the carried state, writes nothing."""
+        stored = self._store.read_state(spec.name)
+        if stored.version == 0 or stored.state == model.TargetState():  # none, or deleted
+            stored = self._carry_over(spec, stored, write=write and not self._dry_run)
+            if stored.version == 0 and self._scan_denied is not None:
+                self._warn_unlisted(spec)
+        elif self._unconfigured:
+            self._forget_carried(spec)
+        return stored
+
+    def _forget_carried(self, spec: TargetSpec) -> None:
+        """A state listed as unconfigured that another process has since carried on to this
+        target (`rotator adopt` or `rotate` right after a rename) is not unconfigured now."""
+        with self._scan_lock:
+            same_user = [
+                name
+                for name, old in (self._unconfigured or {}).items()
+                if (old.state.user or "").lower() == spec.user.lower()
+            ]
+        for name in same_user:
+            if self._store.read_state(name).state.renamed_to is not None:
+                with self._scan_lock:
+                    if self._unconfigured is not None:
+                        self._unconfigured.pop(name, None)
+
+    def _warn_unlisted(self, spec: TargetSpec) -> None:
+        with self._scan_lock:
+            if spec.name in self._unlisted_warned:
+                return
+            self._unlisted_warned.add(spec.name)
+        log.warning(
+            "unconfigured_check_failed",
+            target=spec.name,
+            error=self._scan_denied,
+            note=f"target {spec.name} has no state and rotator may not list the states: if it "
+            "was renamed, its old state is not carried on and its keys count as foreign; "
+            "grant the list (deploy/policies/rotator.hcl)",
+        )
+
+    def _carry_over(
+        self, spec: TargetSpec, stored: model.StoredState, *, write: bool
+    ) -> model.StoredState:
         """A target without a state whose user's keys the state of an unconfigured target
         tracks: the same target under a new name. The old state is marked first
         (``renamed_to``, all else kept: a rotator still running the old name stops there, and a
@@ -1040,7 +1088,7 @@ class Engine:
             )
         name, _ = mine[0]
         old = self._store.read_state(name)  # fresh: its version fences the marking
-        if self._dry_run:
+        if not write:
             return model.StoredState(old.state.replace(renamed_to=None), stored.version)
         if old.state.renamed_to != spec.name:
             self._store.write_state(name, old.state.replace(renamed_to=spec.name), old.version)
@@ -1061,7 +1109,7 @@ class Engine:
 
     def status(self, spec: TargetSpec) -> StatusView:
         """Observe a target without changing anything."""
-        stored = self._store.read_state(spec.name)
+        stored = self._state_of(spec, write=False)
         published = self._store.read_published(spec.secret_path)
         problem: str | None = None
         try:
@@ -1112,7 +1160,7 @@ class Engine:
 
     def adopt(self, spec: TargetSpec, key_id: str) -> str:
         """Hand a foreign key to the rotator, which retires it like its own. Returns a summary."""
-        stored = self._store.read_state(spec.name)
+        stored = self._state_of(spec)  # a renamed target's keys are its own, not foreign
         keys = {k.key_id: k for k in self._iam.list_keys(spec.user)}
         state = stored.state
         key = keys.get(key_id)

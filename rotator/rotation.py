@@ -312,6 +312,18 @@ def delete_deadline(retiring: model.RetiringKey, policy: Policy) -> datetime | N
     return max(retiring.delete_at, retiring.deactivated_at + policy.inactive_period)
 
 
+def deadlines_in_force(
+    retiring: tuple[model.RetiringKey, ...], policy: Policy
+) -> tuple[model.RetiringKey, ...]:
+    """The retiring keys with the deadlines in force stored (lengthened ones kept)."""
+    return tuple(
+        dataclasses.replace(
+            r, retire_at=retire_deadline(r, policy), delete_at=delete_deadline(r, policy)
+        )
+        for r in retiring
+    )
+
+
 def _rolled_back_to(
     by_id: dict[str, model.AccessKey], state: model.TargetState, published_id: str | None
 ) -> model.AccessKey | None:

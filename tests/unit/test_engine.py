@@ -428,6 +428,31 @@ def test_a_rename_interrupted_after_marking_the_old_state_is_finished_by_the_nex
     assert w.vault.read_state("monitor2").state.current == old.state.current
 
 
+def test_status_and_adopt_right_after_a_rename_see_the_carried_state_not_foreign_keys() -> None:
+    w = World()
+    w.run()
+    key = w.vault.published_id(PATH)
+    renamed = dataclasses.replace(SPEC, name="monitor2")
+    daemon = engine.Engine(w.iam, w.vault, w.clock, configured=["monitor2"])
+    assert list(daemon.unconfigured()) == ["monitoring"]  # a daemon started after the rename
+    configured_as(w, renamed)  # the CLI
+    writes = w.vault.writes
+
+    view = w.engine.status(renamed)
+
+    assert view.current_key_id == key and view.foreign == ()
+    assert w.vault.writes == writes and "monitor2" not in w.vault.states  # status writes nothing
+    # adopt goes through the rename first: the key is rotator's own, the old state marked
+    assert "already managed" in w.engine.adopt(renamed, key or "")
+    assert w.vault.read_state("monitoring").state.renamed_to == "monitor2"
+    assert (
+        w.vault.read_state("monitor2").state.current
+        == w.vault.read_state("monitoring").state.current
+    )
+    assert daemon.run_pass(renamed).ok
+    assert daemon.unconfigured() == {}  # carried on by the CLI: no longer counted
+
+
 def test_a_rotator_still_running_the_old_name_stops_with_an_error_and_touches_nothing() -> None:
     w = World()
     w.run()
@@ -493,7 +518,35 @@ def test_a_policy_without_list_gets_one_warning_and_the_passes_go_on() -> None:
         assert w.engine.unconfigured() == {}
 
     assert first.ok and first.rotated
-    assert [e["event"] for e in logs].count("unconfigured_check_failed") == 1
+    warned = [e for e in logs if e["event"] == "unconfigured_check_failed"]
+    assert len([e for e in warned if "target" not in e]) == 1  # once for the listing
+    # and once for the target without a state: a rename of it could not be seen
+    [about] = [e for e in warned if e.get("target") == "monitoring"]
+    assert "if it was renamed" in about["note"]
+    w.clock.advance(seconds=30)
+    with structlog.testing.capture_logs() as logs:
+        assert w.run().ok
+    assert not [e for e in logs if e["event"] == "unconfigured_check_failed"]
+
+
+def test_a_grace_lengthened_then_shortened_by_reloads_keeps_the_longer_deadline() -> None:
+    w = World()
+    w.run()
+    first = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    w.run()  # first retires, grace 2 min
+    longer = dataclasses.replace(SPEC, policy=dataclasses.replace(POLICY, grace=timedelta(hours=1)))
+    w.clock.advance(seconds=30)
+    w.engine.run_pass(longer)  # the reload's first pass writes the longer deadline down
+    shorter = dataclasses.replace(SPEC, policy=dataclasses.replace(POLICY, grace=timedelta(0)))
+    w.clock.advance(minutes=5)  # past the first grace, well before the longer one
+
+    w.engine.run_pass(shorter)
+
+    assert w.iam._find("watcher_1", first or "").status is model.KeyStatus.ACTIVE
+    w.clock.advance(hours=1)
+    w.engine.run_pass(shorter)
+    assert w.iam._find("watcher_1", first or "").status is model.KeyStatus.INACTIVE
 
 
 def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
