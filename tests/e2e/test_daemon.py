@@ -147,6 +147,12 @@ def run_until_first_key(
     return process
 
 
+def logged(err: Path, event: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines in ``err`` whose event is ``event``, in order."""
+    lines = (json.loads(line) for line in err.read_text().splitlines() if line)
+    return [e for e in lines if e["event"] == event]
+
+
 @pytest.mark.timeout(120)
 def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     tmp_path: Path,
@@ -189,10 +195,9 @@ def test_sighup_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     )
     assert "config_reloaded" in err.read_text()
     # what a reload cannot change keeps its running value and says so
-    events = {e["event"]: e for e in map(json.loads, err.read_text().splitlines()) if e}
-    assert events["workers_unchanged"]["running"] == 2
-    assert events["workers_unchanged"]["configured"] == 3
-    assert events["metrics_listen_unchanged"]["running"] == f"127.0.0.1:{port}"
+    [workers] = logged(err, "workers_unchanged")
+    assert workers["running"] == 2 and workers["configured"] == 3
+    assert logged(err, "metrics_listen_unchanged")[0]["running"] == f"127.0.0.1:{port}"
     assert http_status(port, "/healthz") == 200
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
@@ -321,8 +326,7 @@ def test_a_reload_moving_the_secret_path_publishes_the_current_key_there_and_mak
     assert vault.read_raw("monitoring/watcher_1") == first  # the old path left as it was
     keys = iam_admin.client().list_access_keys(UserName="watcher_1")["AccessKeyMetadata"]
     assert [k["AccessKeyId"] for k in keys] == [first["access_key_id"]]
-    events = [json.loads(line) for line in err.read_text().splitlines() if line]
-    [moved] = [e for e in events if e["event"] == "secret_path_changed"]
+    [moved] = logged(err, "secret_path_changed")
     assert moved["old_path"] == "monitoring/watcher_1" and moved["copied"] is True
     assert first["secret_access_key"] not in err.read_text()
     process.send_signal(signal.SIGTERM)
@@ -344,24 +348,22 @@ def test_a_renamed_target_carries_its_keys_on_and_a_removed_one_is_warned_of(
     key = vault.read_raw("monitoring/watcher_1")["access_key_id"]
     original = cfg.read_text()
 
-    def events(name: str) -> list[dict[str, Any]]:
-        lines = (json.loads(line) for line in err.read_text().splitlines() if line)
-        return [e for e in lines if e["event"] == name]
-
     cfg.write_text(original.replace("- name: monitoring\n", "- name: monitor2\n"))
     process.send_signal(signal.SIGHUP)
-    wait_for(lambda: events("target_renamed"), 30, "the rename carried over", process)
-    wait_for(lambda: any(e["target"] == "monitor2" for e in events("pass_summary")), 30, "a pass")
+    wait_for(lambda: logged(err, "target_renamed"), 30, "the rename carried over", process)
+    wait_for(
+        lambda: any(e["target"] == "monitor2" for e in logged(err, "pass_summary")), 30, "a pass"
+    )
 
-    [renamed] = events("target_renamed")
+    [renamed] = logged(err, "target_renamed")
     assert renamed["old_target"] == "monitoring" and renamed["keys"] == [key]
-    [seen] = events("target_not_configured")  # at the reload, before the pass carried it on
+    [seen] = logged(err, "target_not_configured")  # at the reload, before the pass carried it on
     assert seen["target"] == "monitoring" and "carries this state on" in seen["note"]
     keys = iam_admin.client().list_access_keys(UserName="watcher_1")["AccessKeyMetadata"]
     assert [k["AccessKeyId"] for k in keys] == [key]  # no new key, nothing foreign
     assert vault.read_raw("rotator/targets/monitor2")["current"]["key_id"] == key
     assert vault.read_raw("rotator/targets/monitoring")["renamed_to"] == "monitor2"
-    summary = [e for e in events("pass_summary") if e["target"] == "monitor2"][-1]
+    summary = [e for e in logged(err, "pass_summary") if e["target"] == "monitor2"][-1]
     assert summary["ok"] and summary["foreign_keys"] == 0 and not summary["rotated"]
 
     # removed: another target only; the state of monitor2 still tracks the key
@@ -371,8 +373,8 @@ def test_a_renamed_target_carries_its_keys_on_and_a_removed_one_is_warned_of(
         .replace("secret_path: monitoring/watcher_1", "secret_path: other/watcher_2")
     )
     process.send_signal(signal.SIGHUP)
-    wait_for(lambda: len(events("target_not_configured")) == 2, 30, "the warning", process)
-    removed = events("target_not_configured")[-1]
+    wait_for(lambda: len(logged(err, "target_not_configured")) == 2, 30, "the warning", process)
+    removed = logged(err, "target_not_configured")[-1]
     assert removed["target"] == "monitor2" and removed["current_key_id"] == key
     assert "no longer rotated nor retired" in removed["note"]
     assert scrape(port)["rotator_unconfigured_targets"] == 1
