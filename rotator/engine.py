@@ -832,11 +832,12 @@ class Engine:
         if key is not None and key.status is model.KeyStatus.ACTIVE and found is not None:
             key_id, secret = found
             if key_id == current.key_id:
+                action = (
+                    f"move_secret {key_id}: secret_path changed from {old_path}: the current "
+                    f"key is published at {new_path} too"
+                )
                 if self._dry_run:  # plan the rest as if it had been copied
-                    p.actions.append(
-                        f"move_secret {key_id}: secret_path changed from {old_path}: the current "
-                        f"key is published at {new_path} too"
-                    )
+                    p.actions.append(action)
                     p.published = dataclasses.replace(
                         p.published, access_key_id=key_id, created_at=current.created
                     )
@@ -848,10 +849,7 @@ class Engine:
                     p.published = self._store.write_published(
                         new_path, model.NewKey(key_id, secret, current.created), p.published
                     )
-                    p.actions.append(
-                        f"move_secret {key_id}: secret_path changed from {old_path}: the current "
-                        f"key is published at {new_path} too"
-                    )
+                    p.actions.append(action)
                     copied = True
         log.warning(
             "secret_path_changed",
@@ -977,8 +975,6 @@ class Engine:
             actions=tuple(p.actions),
             dry_run=self._dry_run,
         )
-
-    # --- operator commands ---------------------------------------------------------------
 
     # --- targets the config no longer names ----------------------------------------------
 
@@ -1106,6 +1102,8 @@ class Engine:
             note=f"the state of {name} is carried on by {spec.name}; {name} is marked renamed",
         )
         return model.StoredState(carried, version)
+
+    # --- operator commands ---------------------------------------------------------------
 
     def status(self, spec: TargetSpec) -> StatusView:
         """Observe a target without changing anything."""
