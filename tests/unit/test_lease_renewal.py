@@ -122,15 +122,27 @@ class LosingLock(FakeLock):
 
 
 @pytest.mark.timeout(30)
-def test_a_pass_that_lost_its_lease_publishes_nothing_and_reports_a_lock_error() -> None:
+def test_a_pass_that_lost_its_lease_publishes_nothing_and_reports_a_lock_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     w = World()
     lock = LosingLock(w.clock)
     lock.refused = threading.Event()
     w.engine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, lock_ttl=TTL)
     real_verify = w.iam.verify_key
+    leases: list[engine._Lease] = []
+
+    class Recorded(engine._Lease):
+        def __init__(self, target: str, ttl: float) -> None:
+            super().__init__(target, ttl)
+            leases.append(self)
+
+    monkeypatch.setattr(engine, "_Lease", Recorded)
 
     def verify_after_the_loss(key_id: str, secret: model.Secret) -> model.VerifyResult:
-        assert lock.refused.wait(DEADLINE)
+        # the renewer marks the lease lost just after the refused renewal returns: wait for
+        # the mark itself, which the pass checks, not for the refusal
+        assert leases and leases[0].lost.wait(DEADLINE)
         return real_verify(key_id, secret)
 
     w.iam.verify_key = verify_after_the_loss  # type: ignore[method-assign]
