@@ -324,31 +324,17 @@ def _status(runtime: daemon.Runtime, *, as_json: bool) -> int:
 def _unconfigured_rows(runtime: daemon.Runtime) -> list[dict[str, Any]]:
     """A row per target the config no longer names whose state still tracks keys."""
     try:
-        found = runtime.engine.unconfigured()
+        found = runtime.engine.unconfigured_view(runtime.specs.values())
     except errors.RotatorError:
         return []  # Vault away: the configured targets' rows say so
-    users = {spec.user.lower(): spec.name for spec in runtime.specs.values()}
-    rows = []
-    for name, stored in sorted(found.items()):
-        state = stored.state
-        keys = [f"{state.current.key_id} (current)"] if state.current else []
-        keys += [f"{r.key_id} (retiring)" for r in state.retiring]
-        keys += [f"{state.pending.key_id} (pending)"] if state.pending else []
-        heir = users.get((state.user or "").lower())
-        fate = (
-            f"target {heir} has its user: its next pass carries this state on, unless it has a "
-            "state of its own"
-            if heir
-            else "they are no longer rotated nor retired: put the target back to finish"
-        )
-        rows.append(
-            {
-                "target": name,
-                "error": f"not in the config; its state tracks {', '.join(keys) or 'no key'} "
-                f"of user {state.user}: {fate}",
-            }
-        )
-    return rows
+    return [
+        {
+            "target": view.target,
+            "error": f"not in the config; its state tracks {', '.join(view.keys()) or 'no key'} "
+            f"of user {view.user}: {view.fate}",
+        }
+        for view in found
+    ]
 
 
 def _status_row(view: engine.StatusView, now: datetime) -> dict[str, Any]:

@@ -12,7 +12,6 @@ it fail, the running config is kept and the failure logged and counted.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -334,6 +333,8 @@ class Daemon:
         self._clock = SystemClock(self._stop)
         self._metrics = metrics.Metrics()
         self._health = _Health()
+        self._reporting = threading.Lock()  # one listing of the unconfigured states at a time
+        self._reported: Runtime | None = None  # the runtime whose unconfigured states were told
         self._runtime = build_runtime(settings, self._clock)
         self._scheduler: Any = None
         self._server: metrics.MetricsServer | None = None
@@ -387,42 +388,46 @@ class Daemon:
         try:
             report = runtime.engine.run_pass(spec)
             self._metrics.record_pass(report, self._clock.now())
-            if runtime is self._runtime:  # a rename's first pass carried a state over
-                with contextlib.suppress(errors.RotatorError):  # Vault away: the next pass
-                    self._metrics.set_unconfigured(len(runtime.engine.unconfigured()))
+            if runtime is self._runtime:  # not reloaded meanwhile
+                self._count_unconfigured(runtime, report)
             if "vault" in report.error_components:
                 self._probe_vault()
         except Exception:  # the daemon must outlive any one target's bug
             logger.exception("job_crashed", target=name)
             self._metrics.record_error(name, "other")
 
+    def _count_unconfigured(self, runtime: Runtime, report: model.PassReport) -> None:
+        """After a pass: the gauge follows a rename's carry-over; the warnings Vault's absence
+        kept from being said at start or at the reload are said once it answers."""
+        if self._reported is not runtime:
+            if "vault" not in report.error_components:
+                self._report_unconfigured(runtime)
+        elif (count := runtime.engine.unconfigured_count()) is not None:
+            self._metrics.set_unconfigured(count)
+
     def _report_unconfigured(self, runtime: Runtime) -> None:
-        """Warn of each target the config no longer names whose state still tracks keys (at
-        start and after a reload); a renamed target's first pass carries its state on."""
-        try:
-            found = runtime.engine.unconfigured()
-        except errors.RotatorError as exc:  # Vault away: the passes look again
-            logger.warning("unconfigured_check_failed", error=str(exc))
-            return
+        """Warn of each target the config no longer names whose state still tracks keys, once
+        a runtime (at start, after a reload, or after the first pass that finds Vault back if
+        it was away then); a renamed target's first pass carries its state on."""
+        with self._reporting:
+            if self._reported is runtime:
+                return  # another worker's pass did it meanwhile
+            try:
+                found = runtime.engine.unconfigured_view(runtime.specs.values())
+            except errors.RotatorError as exc:  # Vault away: the passes look again
+                logger.warning("unconfigured_check_failed", error=str(exc))
+                return
+            self._reported = runtime
         self._metrics.set_unconfigured(len(found))
-        users = {spec.user.lower(): spec.name for spec in runtime.specs.values()}
-        for name, stored in sorted(found.items()):
-            state = stored.state
-            heir = users.get((state.user or "").lower())
+        for view in found:
             logger.warning(
                 "target_not_configured",
-                target=name,
-                user=state.user,
-                current_key_id=state.current.key_id if state.current else None,
-                retiring_key_ids=[r.key_id for r in state.retiring],
-                pending_key_id=state.pending.key_id if state.pending else None,
-                note=(
-                    f"target {heir} has the same user: its next pass carries this state on (a "
-                    "rename), unless it has a state of its own"
-                    if heir is not None
-                    else "its keys are no longer rotated nor retired: put the target back in "
-                    "the config to finish retiring them"
-                ),
+                target=view.target,
+                user=view.user,
+                current_key_id=view.current_key_id,
+                retiring_key_ids=list(view.retiring_key_ids),
+                pending_key_id=view.pending_key_id,
+                note=view.fate,
             )
 
     def _schedule(self, runtime: Runtime) -> None:

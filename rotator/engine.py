@@ -73,6 +73,38 @@ class StatusView:
     failures: int
 
 
+@dataclass(frozen=True)
+class UnconfiguredView:
+    """A state of a target the config no longer names that still tracks keys (what the
+    daemon's warning and `rotator status` tell of it)."""
+
+    target: str
+    user: str | None
+    current_key_id: str | None
+    retiring_key_ids: tuple[str, ...]
+    pending_key_id: str | None
+    heir: str | None  # the configured target with its user: its next pass carries the state on
+
+    def keys(self) -> list[str]:
+        """Each tracked key with its role, as ``AKIA... (retiring)``."""
+        current = [f"{self.current_key_id} (current)"] if self.current_key_id else []
+        pending = [f"{self.pending_key_id} (pending)"] if self.pending_key_id else []
+        return current + [f"{k} (retiring)" for k in self.retiring_key_ids] + pending
+
+    @property
+    def fate(self) -> str:
+        """What becomes of its keys, and what to do."""
+        if self.heir is not None:
+            return (
+                f"target {self.heir} has the same user: its next pass carries this state on "
+                "(a rename), unless it has a state of its own"
+            )
+        return (
+            "its keys are no longer rotated nor retired: put the target back in the config to "
+            "finish retiring them"
+        )
+
+
 SHARED_READS_MAX_AGE = timedelta(seconds=60)  # of a group or policy read, for other targets
 # How old the pass's key listing may be when an intent marker is written from it: a key made by
 # hand after the listing and before the marker could otherwise be taken for the marker's orphan.
@@ -998,6 +1030,28 @@ class Engine:
                     )
                     self._unconfigured = {}
             return dict(self._unconfigured)
+
+    def unconfigured_view(self, configured: Iterable[TargetSpec]) -> list[UnconfiguredView]:
+        """unconfigured(), by target name, each with the configured target (of ``configured``)
+        that has its user, if one has."""
+        heirs = {spec.user.lower(): spec.name for spec in configured}
+        return [
+            UnconfiguredView(
+                target=name,
+                user=stored.state.user,
+                current_key_id=stored.state.current.key_id if stored.state.current else None,
+                retiring_key_ids=tuple(r.key_id for r in stored.state.retiring),
+                pending_key_id=stored.state.pending.key_id if stored.state.pending else None,
+                heir=heirs.get((stored.state.user or "").lower()),
+            )
+            for name, stored in sorted(self.unconfigured().items())
+        ]
+
+    def unconfigured_count(self) -> int | None:
+        """How many states unconfigured() holds, without listing Vault: None when the states
+        have not been listed yet (or the listing failed)."""
+        found = self._unconfigured
+        return None if found is None else len(found)
 
     def _scan(self) -> dict[str, model.StoredState]:
         found: dict[str, model.StoredState] = {}

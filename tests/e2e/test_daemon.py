@@ -17,6 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.support import servers
+from tests.support.crashkit import VaultProxy
 from tests.support.harness import (
     Consumer,
     assert_rotated_cleanly,
@@ -384,3 +385,54 @@ def test_a_renamed_target_carries_its_keys_on_and_a_removed_one_is_warned_of(
     assert f"not in the config; its state tracks {key} (current)" in rows["monitor2"]["error"]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_removed_target_is_warned_of_once_vault_answers_when_it_was_away_at_start(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    port = servers.free_port()
+    cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
+    once = run_rotator(cfg, daemon_env, "run", "--once")
+    assert once.returncode == 0, once.stderr
+    key = vault.read_raw("monitoring/watcher_1")["access_key_id"]
+    # monitoring removed, another target added; Vault is not there when the daemon starts
+    vault_port = servers.free_port()
+    cfg.write_text(
+        cfg.read_text()
+        .replace("- name: monitoring\n", "- name: other\n")
+        .replace("user: watcher_1", "user: watcher_2")
+        .replace("secret_path: monitoring/watcher_1", "secret_path: other/watcher_2")
+        .replace(vault.address, f"http://127.0.0.1:{vault_port}")
+    )
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=daemon_env,
+        )
+    started.append(process)
+    wait_for(lambda: logged(err, "unconfigured_check_failed"), 30, "the failed listing", process)
+    assert logged(err, "target_not_configured") == []
+
+    proxy = VaultProxy(vault.address, port=vault_port)  # Vault back, at the configured address
+    proxy.start()
+    try:
+        wait_for(lambda: vault.read_raw("other/watcher_2"), 30, "the new target's key", process)
+        wait_for(lambda: logged(err, "target_not_configured"), 30, "the warning", process)
+        passes = len(logged(err, "pass_summary"))
+        wait_for(lambda: len(logged(err, "pass_summary")) >= passes + 3, 30, "more passes")
+        [removed] = logged(err, "target_not_configured")  # once, not once a pass
+        assert removed["target"] == "monitoring" and removed["current_key_id"] == key
+        assert "no longer rotated nor retired" in removed["note"]
+        assert scrape(port)["rotator_unconfigured_targets"] == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        proxy.stop()

@@ -95,11 +95,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class VaultProxy:
     """A loopback proxy in front of an OpenBao at ``upstream`` (http://127.0.0.1:port)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, port: int = 0) -> None:
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
             raise ValueError(f"upstream must be http:// on loopback, not {upstream!r}")
         self._host, self._port = parts.hostname, parts.port or 80
+        self._listen = port  # 0: any free port
         self._lock = threading.Lock()
         self._holds: list[VaultHold] = []
         self.calls: list[tuple[str, str, int | None]] = []  # method, path, status (None: none)
@@ -112,7 +113,7 @@ class VaultProxy:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> None:
-        server = _Server(("127.0.0.1", 0), _Handler)
+        server = _Server(("127.0.0.1", self._listen), _Handler)
         server.proxy = self
         self._server = server
         self._thread = threading.Thread(

@@ -501,11 +501,24 @@ def test_a_removed_target_that_still_tracks_keys_is_listed_and_an_empty_one_is_n
         model.TargetState(user="nobody").to_document(), 1
     )
     configured_as(w, other)
+    assert w.engine.unconfigured_count() is None  # not listed yet
 
     found = w.engine.unconfigured()
 
     assert list(found) == ["monitoring"]
     assert found["monitoring"].state.retiring
+    assert w.engine.unconfigured_count() == 1
+    state = found["monitoring"].state
+    assert state.current is not None
+    [view] = w.engine.unconfigured_view([other])
+    assert view.keys() == [
+        f"{state.current.key_id} (current)",
+        f"{state.retiring[0].key_id} (retiring)",
+    ]
+    assert view.heir is None and "put the target back" in view.fate
+    # a configured target with the same user (a rename) is its heir
+    [renamed] = w.engine.unconfigured_view([other, dataclasses.replace(SPEC, name="monitor2")])
+    assert renamed.heir == "monitor2" and "monitor2 has the same user" in renamed.fate
 
 
 def test_a_policy_without_list_gets_one_warning_and_the_passes_go_on() -> None:
