@@ -25,6 +25,7 @@ from tests.support.harness import (
     http_status,
     run_rotator,
     scrape,
+    start_daemon,
     started,
     wait_for,
     watch_rotations,
@@ -136,14 +137,7 @@ def run_until_first_key(
     vault: Any,
 ) -> subprocess.Popen[bytes]:
     """`rotator run` with its stderr (the log) in ``err``, once it has published a first key."""
-    with err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=env,
-        )
-    started.append(process)
+    process = start_daemon(cfg, env, started, err)
     wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
     return process
 
@@ -289,14 +283,7 @@ def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_runs_not_its_end(
     port = servers.free_port()
     cfg = write_config(tmp_path, iam_admin, vault, port, max_age="1h")
     err = tmp_path / "stderr.log"
-    with err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", HUP_WHILE_STARTING, "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=daemon_env,
-        )
-    started.append(process)
+    process = start_daemon(cfg, daemon_env, started, err, program=("-c", HUP_WHILE_STARTING))
 
     wait_for(lambda: "config_reloaded" in err.read_text(), 30, "the reload", process)
     wait_for(lambda: vault.read_raw("monitoring/watcher_1"), 30, "the first key", process)
@@ -410,14 +397,7 @@ def test_a_removed_target_is_warned_of_once_vault_answers_when_it_was_away_at_st
         .replace(vault.address, f"http://127.0.0.1:{vault_port}")
     )
     err = tmp_path / "stderr.log"
-    with err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=daemon_env,
-        )
-    started.append(process)
+    process = start_daemon(cfg, daemon_env, started, err)
     wait_for(lambda: logged(err, "unconfigured_check_failed"), 30, "the failed listing", process)
     assert logged(err, "target_not_configured") == []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support import servers
-from tests.support.harness import daemon_env, started, write_config
+from tests.support.harness import daemon_env, start_daemon, started, write_config
 
 __all__ = ["daemon_env", "started"]
 
@@ -47,13 +46,7 @@ def test_ready_watchdog_reloading_and_stopping_reach_the_notify_socket(
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         env = {**daemon_env, "NOTIFY_SOCKET": address}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        started.append(process)
+        process = start_daemon(cfg, env, started)
         ready = receive_until(sock, "READY=1", 30)
         assert any(m.startswith("READY=1") and "STATUS=1 targets" in m for m in ready)
         receive_until(sock, "WATCHDOG=1", 15)
@@ -94,13 +87,7 @@ def test_the_watchdog_keeps_beating_while_every_worker_is_busy(
     address = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**daemon_env, "NOTIFY_SOCKET": address},
-        )
-        started.append(process)
+        process = start_daemon(cfg, {**daemon_env, "NOTIFY_SOCKET": address}, started)
         receive_until(sock, "READY=1", 30)
         deadline = time.monotonic() + 30
         while iam_proxy.count(action="GetUser", status=403) < 1:  # verification has begun

@@ -7,6 +7,7 @@ through; ``scrape`` reads /metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -246,6 +247,28 @@ def run_rotator(cfg: Path, env: dict[str, str], *args: str) -> subprocess.Comple
         timeout=60,
         check=False,
     )
+
+
+def start_daemon(
+    cfg: Path,
+    env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+    err: Path | None = None,
+    *,
+    program: tuple[str, ...] = ("-m", "rotator"),
+) -> subprocess.Popen[bytes]:
+    """``python PROGRAM run -c CFG`` in the background, its stderr (the log) in ``err`` (none
+    kept if None), registered in ``started`` to be stopped by PID at the end of the test."""
+    with contextlib.ExitStack() as files:
+        sink = files.enter_context(err.open("wb")) if err else subprocess.DEVNULL
+        process = subprocess.Popen(
+            [sys.executable, *program, "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            env=env,
+        )
+    started.append(process)
+    return process
 
 
 @dataclass
