@@ -272,7 +272,9 @@ def resolve_file(path: str | os.PathLike[str], key_path: str) -> Path:
         raise errors.ConfigError(
             key_path,
             f"'{text}' names a systemd credential but CREDENTIALS_DIRECTORY is not set: run "
-            f"rotator under systemd with LoadCredential={name}:<file>, or give a file path",
+            f"rotator under systemd with LoadCredential={name}:<file>, or give a file path; by "
+            "hand on the service's host, set CREDENTIALS_DIRECTORY to the directory of those "
+            "files (sudo CREDENTIALS_DIRECTORY=/etc/rotator/secrets rotator ...)",
         )
     return Path(directory) / name
 
@@ -1273,6 +1275,21 @@ def vault_token_origin(settings: VaultSettings) -> str:
     if os.environ.get("VAULT_TOKEN", "").strip():
         return "$VAULT_TOKEN in rotator's environment (it wins over vault.auth.token_file)"
     return f"vault.auth.token_file ({settings.auth.token_file})"
+
+
+def vault_token_fix(settings: VaultSettings) -> str:
+    """How a new token reaches rotator from where :func:`read_vault_token` takes it."""
+    if os.environ.get("VAULT_TOKEN", "").strip():
+        return "issue a new token, set VAULT_TOKEN to it in rotator's environment, restart rotator"
+    token_file = os.fspath(settings.auth.token_file or "")
+    if token_file.startswith(CREDENTIAL_PREFIX):
+        name = token_file.removeprefix(CREDENTIAL_PREFIX)
+        return (
+            f"issue a new token, write it to the file the unit's LoadCredential={name}:<file> "
+            "names, then restart rotator (systemctl restart rotator): systemd copies "
+            "credentials once, at start"
+        )
+    return f"issue a new token and write it to {token_file} (re-read without a restart)"
 
 
 def read_vault_token(settings: VaultSettings) -> Secret:

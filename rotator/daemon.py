@@ -185,7 +185,11 @@ def build_store(settings: config.VaultSettings) -> vault.VaultStore:
         )
     else:
         source = lambda: config.read_vault_token(settings)  # noqa: E731
-        auth = vault.TokenAuth(source, origin=config.vault_token_origin(settings))
+        auth = vault.TokenAuth(
+            source,
+            origin=config.vault_token_origin(settings),
+            fix=config.vault_token_fix(settings),
+        )
     source()
     assert settings.address is not None
     return vault.VaultStore(

@@ -56,6 +56,7 @@ class TokenAuth:
 
     token: SecretSource
     origin: str = "VAULT_TOKEN or vault.auth.token_file"  # where the token comes from, for messages
+    fix: str = ""  # how a new token reaches rotator from there ("" : every way, said generally)
 
     def current_token(self) -> model.Secret:
         return _current(self.token)
@@ -332,8 +333,8 @@ class VaultStore:
         why = "it reached its max TTL" if reason == "max TTL reached" else "it is not renewable"
         return (
             f"rotator's token for Vault at {self._address} expires in {remaining}s and cannot be "
-            f"extended ({why}): {_STATIC_AUTH_FIX}; a periodic token (token role with a period) "
-            "has no max TTL, and AppRole or Kubernetes auth log in again by themselves"
+            f"extended ({why}): {_static_fix(self._auth)}; a periodic token (token role with a "
+            "period) has no max TTL, and AppRole or Kubernetes auth log in again by themselves"
         )
 
     def _lookup_ttl(self) -> _TokenTtl:
@@ -660,7 +661,7 @@ class VaultStore:
     def _token_source(self) -> str:
         auth = self._auth
         if isinstance(auth, TokenAuth):
-            return f"the token comes from {auth.origin}: {_STATIC_AUTH_FIX}"
+            return f"the token comes from {auth.origin}: {_static_fix(auth)}"
         if isinstance(auth, AppRoleAuth):
             return (
                 f"the token comes from AppRole login at auth/{auth.mount}: check the role's "
@@ -725,6 +726,11 @@ _STATIC_AUTH_FIX = (
     "issue a new token and write it to vault.auth.token_file (re-read without a restart), or "
     "set VAULT_TOKEN and restart rotator"
 )
+
+
+def _static_fix(auth: object) -> str:
+    """How to hand rotator a new static token (the way its token came, when known)."""
+    return auth.fix if isinstance(auth, TokenAuth) and auth.fix else _STATIC_AUTH_FIX
 
 
 @dataclass(frozen=True)

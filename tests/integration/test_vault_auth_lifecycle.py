@@ -263,11 +263,12 @@ def test_a_static_token_at_its_max_ttl_is_denied_with_the_fix_and_a_new_token_fi
     logs.assert_never_shows([token, new_token])
 
 
+@pytest.mark.parametrize("fix", ["", "restart rotator (systemctl restart rotator)"])
 def test_an_expired_static_token_is_denied_as_expired_naming_the_fix(
-    vault: VaultFixture, make_store: MakeStore, logs: Logs
+    vault: VaultFixture, make_store: MakeStore, logs: Logs, fix: str
 ) -> None:
     token = short_token(vault, ttl="1s")
-    store = make_store(auth=TokenAuth(model.Secret(token)))
+    store = make_store(auth=TokenAuth(model.Secret(token), fix=fix))
     until(lambda: token_gone(vault, token), timeout=10, step=lambda: None)
 
     with pytest.raises(errors.VaultDenied) as refreshed:
@@ -278,8 +279,11 @@ def test_an_expired_static_token_is_denied_as_expired_naming_the_fix(
     for exc in (refreshed.value, called.value):
         message = str(exc)
         assert "expired" in message
-        assert "vault.auth.token_file (re-read without a restart)" in message
-        assert "VAULT_TOKEN" in message
+        if fix:  # the way the token came (config.vault_token_fix)
+            assert fix in message and "without a restart" not in message
+        else:
+            assert "vault.auth.token_file (re-read without a restart)" in message
+            assert "VAULT_TOKEN" in message
         assert token not in chain_text(exc)
     logs.assert_never_shows([token])
 

@@ -1180,6 +1180,27 @@ def test_credential_prefix_without_credentials_directory_says_what_to_do(
     assert info.value.path == "vault.auth.token_file"
     assert "CREDENTIALS_DIRECTORY is not set" in info.value.message
     assert "LoadCredential=vault-token:" in info.value.message
+    assert "sudo CREDENTIALS_DIRECTORY=/etc/rotator/secrets rotator" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("token_file", "env", "fix"),
+    [
+        ("token", "", "write it to {tmp}/token (re-read without a restart)"),
+        ("credential:vault-token", "", "LoadCredential=vault-token:<file> names, then restart"),
+        ("token", "hvs.from-env", "set VAULT_TOKEN to it in rotator's environment, restart"),
+    ],
+)
+def test_the_fix_for_a_refused_token_is_the_way_its_token_came(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_file: str, env: str, fix: str
+) -> None:
+    monkeypatch.setenv("VAULT_TOKEN", env)
+    settings = vault_settings(tmp_path, token_file=token_file)
+
+    said = config.vault_token_fix(settings)
+
+    assert fix.format(tmp=tmp_path) in said
+    assert ("without a restart" in said) == (token_file == "token" and not env)
 
 
 def test_document_file_may_be_a_systemd_credential(
