@@ -366,6 +366,20 @@ def _status_row(view: engine.StatusView, now: datetime) -> dict[str, Any]:
     }
 
 
+_NEXT_STEP = {"grace (Active)": "Inactive", "Inactive": "deleted"}
+
+
+def _retiring_cell(retiring: dict[str, Any], now: datetime) -> str:
+    """``AKIA... (grace (Active), Inactive in 8s)``: the exact times are in --json."""
+    phase, until = retiring["phase"], retiring["until"]
+    if until is None:
+        return f"{retiring['key_id']} ({phase})"
+    left = model.parse_time(until) - now
+    step = _NEXT_STEP.get(phase, "next step")
+    when = f"in {_age(left)}" if left > timedelta(0) else "at the next pass"
+    return f"{retiring['key_id']} ({phase}, {step} {when})"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     header = (
         "TARGET",
@@ -385,10 +399,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             continue
         age = row["current_key_age_seconds"]
         due = row["next_due"]
-        retiring = ", ".join(
-            f"{r['key_id']} ({r['phase']}" + (f" until {r['until']}" if r["until"] else "") + ")"
-            for r in row["retiring"]
-        )
+        retiring = ", ".join(_retiring_cell(r, now) for r in row["retiring"])
         lines.append(
             (
                 row["target"],

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rotator import cli, config, daemon, errors, log, rotation
+from rotator import cli, config, daemon, errors, log, model, rotation
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -272,3 +272,20 @@ def test_verify_attempts_counts_the_attempts_verify_timeout_leaves() -> None:
         return rotation.verify_attempts(policy)
 
     assert [attempts(t) for t in ("5s", "10s", "29s", "30s", "2m")] == [1, 2, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("phase", "until", "cell"),
+    [
+        ("grace (Active)", "2026-12-04T10:00:08.5Z", "AKIAOLD (grace (Active), Inactive in 8s)"),
+        ("Inactive", "2026-12-04T11:30:00Z", "AKIAOLD (Inactive, deleted in 1h30m)"),
+        ("Inactive", "2026-12-04T09:59:00Z", "AKIAOLD (Inactive, deleted at the next pass)"),
+        ("gone", None, "AKIAOLD (gone)"),
+    ],
+)
+def test_the_status_table_says_when_a_retiring_key_moves_on_relative_to_now(
+    phase: str, until: str | None, cell: str
+) -> None:
+    now = model.parse_time("2026-12-04T10:00:00Z")
+
+    assert cli._retiring_cell({"key_id": "AKIAOLD", "phase": phase, "until": until}, now) == cell
