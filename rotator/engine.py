@@ -653,7 +653,7 @@ class Engine:
             log.info("key_reinstated", target=spec.name, key_id=key_id, reason=action.reason)
         elif action.kind is kind.FORGET_RETIRED:
             assert key_id is not None
-            p.state = rotation.forget_retiring(p.state, key_id)
+            p.state = rotation.forget_gone(p.state, key_id)
         elif action.kind is kind.DEACTIVATE:
             assert key_id is not None
             self._guard(p, key_id)

@@ -29,11 +29,14 @@ DELETE_ORPHAN          the one key created within INTENT_WINDOW after an   IAM: 
 DELETE_ORPHAN          key this rotator created that is no longer          IAM: delete
                        current, pending nor retiring
 CLEAR_INTENT           an intent marker with no pending key                state: intent=None
-FORGET_RETIRED         retiring key no longer in IAM                       state: drop it
+FORGET_RETIRED         retiring key no longer in IAM                       state: drop it, and
+                                                                           from created_ids
 REINSTATE              the published secret holds a retiring key (a KV    state: it is current
                        rollback): consumers read it                        again, the current
                                                                            key retires
-DEACTIVATE             retiring key Active and now >= retire_at            IAM: Inactive; state:
+DEACTIVATE             retiring key Active and now >= retire_at, while     IAM: Inactive; state:
+                       the published key is Active (else it may be the
+                       last working key: kept Active)
                                                                            delete_at=now+inactive
 SCHEDULE_DELETE        retiring key Inactive but no delete_at (someone     state: delete_at=
                        else deactivated it)                                now+inactive_period
@@ -243,7 +246,9 @@ def decide(
                 "created by rotator but no longer current, pending nor retiring",
             )
 
-    # 5. retire
+    # 5. retire; while the published key does not work (made Inactive or deleted outside
+    # rotator) a retiring key may be the last one that does: it stays Active until one is again
+    published_works = _works(by_id, published_id)
     for retiring in state.retiring:
         retiring_key = by_id.get(retiring.key_id)
         if retiring_key is None:
@@ -253,7 +258,7 @@ def decide(
         elif retiring.key_id in protected:
             continue  # the published key is never retired, whatever the state says
         elif retiring_key.status is model.KeyStatus.ACTIVE:
-            if now >= retire_deadline(retiring, policy):
+            if now >= retire_deadline(retiring, policy) and published_works:
                 actions.append(
                     Action(ActionKind.DEACTIVATE, "grace period is over", retiring.key_id)
                 )
@@ -289,7 +294,7 @@ def decide(
 
     remaining = [k for k in keys if k.key_id not in deleted]
     if len(remaining) >= policy.max_keys:
-        blocked = _blocked_reason(remaining, state, foreign, policy)
+        blocked = _blocked_reason(remaining, state, foreign, policy, by_id, published_id)
         actions.append(Action(ActionKind.BLOCKED, blocked))
         return Decision(tuple(actions), due_reason, next_due, foreign, blocked)
     actions.append(Action(ActionKind.CREATE_KEY, due_reason))
@@ -395,11 +400,18 @@ def _due(
     return reason, next_due
 
 
+def _works(by_id: dict[str, model.AccessKey], key_id: str | None) -> bool:
+    key = by_id.get(key_id) if key_id else None
+    return key is not None and key.status is model.KeyStatus.ACTIVE
+
+
 def _blocked_reason(
     remaining: Sequence[model.AccessKey],
     state: model.TargetState,
     foreign: tuple[str, ...],
     policy: Policy,
+    by_id: dict[str, model.AccessKey],
+    published_id: str | None,
 ) -> str:
     retiring = [r.key_id for r in state.retiring]
     parts = [f"{len(remaining)} keys of max_keys {policy.max_keys} in use"]
@@ -409,12 +421,19 @@ def _blocked_reason(
         parts.append("retiring " + ", ".join(retiring))
     if foreign:
         parts.append("foreign " + ", ".join(foreign))
-    hint = (
-        "foreign keys are never removed automatically: delete one by hand or hand it over "
-        "with `rotator adopt`"
-        if foreign
-        else "wait for the retiring key to be deleted, or shorten grace/inactive_period"
-    )
+    if foreign:
+        hint = (
+            "foreign keys are never removed automatically: delete one by hand or hand it over "
+            "with `rotator adopt`"
+        )
+    elif published_id in by_id and not _works(by_id, published_id):
+        hint = (
+            f"the published key {published_id} is Inactive (made so outside rotator) and "
+            "rotator never deletes the published key: make it Active again, or delete it by "
+            "hand to free its slot; the retiring keys stay Active meanwhile"
+        )
+    else:
+        hint = "wait for the retiring key to be deleted, or shorten grace/inactive_period"
     return f"no free key slot ({'; '.join(parts)}): {hint}"
 
 
@@ -544,6 +563,16 @@ def deactivated(
 
 def forget_retiring(state: model.TargetState, key_id: str) -> model.TargetState:
     return state.replace(retiring=tuple(r for r in state.retiring if r.key_id != key_id))
+
+
+def forget_gone(state: model.TargetState, key_id: str) -> model.TargetState:
+    """A retiring key IAM no longer lists is forgotten, and no longer counted as one rotator
+    made: it was published, so if it is listed again (IAM pointed at another account for a
+    while, then back) consumers may hold it, and it is left alone as foreign, never taken for an
+    orphan to delete at once."""
+    return forget_retiring(state, key_id).replace(
+        created_ids=tuple(i for i in state.created_ids if i != key_id)
+    )
 
 
 def adopt(

@@ -104,6 +104,55 @@ def test_full_cycle_old_key_stays_active_for_grace_then_inactive_then_deleted() 
     assert w.published_works()
 
 
+def test_a_retiring_key_iam_stops_listing_then_lists_again_is_left_alone_as_foreign() -> None:
+    # IAM pointed at another account for a while, then back: the key consumers held is listed
+    # again; taking it for an orphan of rotator's would delete it with no grace
+    w = World()
+    w.run()
+    first = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    assert w.run().rotated
+    keys = w.iam.users["watcher_1"]
+    [hidden] = [k for k in keys if k.key_id == first]
+    keys.remove(hidden)
+    w.clock.advance(seconds=30)
+    w.run()
+    assert w.state().retiring == () and first not in w.state().created_ids
+
+    keys.append(hidden)
+    w.clock.advance(seconds=30)
+    with structlog.testing.capture_logs() as logs:
+        report = w.run()
+
+    assert first in [k.key_id for k in w.iam.keys_of("watcher_1")]
+    assert hidden.status is model.KeyStatus.ACTIVE
+    assert report.foreign_keys == 1
+    assert not [e for e in logs if e["event"] in ("key_deleted", "key_deactivated")]
+
+
+def test_with_the_published_key_made_inactive_by_hand_the_retiring_key_stays_active() -> None:
+    w = World()
+    w.run()
+    first = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    assert w.run().rotated
+    second = w.vault.published_id(PATH)
+    assert second is not None
+    w.iam._find("watcher_1", second).status = model.KeyStatus.INACTIVE  # by hand
+    w.clock.advance(minutes=2)  # past the retiring key's grace
+
+    report = w.run()
+
+    assert w.iam._find("watcher_1", first).status is model.KeyStatus.ACTIVE  # the last working
+    assert report.blocked and report.blocked_reason is not None
+    assert f"the published key {second} is Inactive" in report.blocked_reason
+    # the operator deletes the Inactive key: a new key is published, then the old one retires
+    w.iam.users["watcher_1"].remove(w.iam._find("watcher_1", second))
+    assert w.run().rotated and w.published_works()
+    w.run()
+    assert w.iam._find("watcher_1", first).status is model.KeyStatus.INACTIVE
+
+
 def test_key_still_propagating_is_published_once_it_authenticates() -> None:
     w = World()
     w.iam.propagation = timedelta(seconds=15)
