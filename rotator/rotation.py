@@ -35,9 +35,8 @@ REINSTATE              the published secret holds a retiring key (a KV    state:
                        rollback): consumers read it                        again, the current
                                                                            key retires
 DEACTIVATE             retiring key Active and now >= retire_at, while     IAM: Inactive; state:
-                       the published key is Active (else it may be the
+                       the published key is Active (else it may be the     delete_at=now+inactive
                        last working key: kept Active)
-                                                                           delete_at=now+inactive
 SCHEDULE_DELETE        retiring key Inactive but no delete_at (someone     state: delete_at=
                        else deactivated it)                                now+inactive_period
 DELETE_RETIRED         retiring key Inactive and now >= delete_at          IAM: delete; state:
