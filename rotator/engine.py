@@ -1034,7 +1034,7 @@ class Engine:
     def unconfigured_view(self, configured: Iterable[TargetSpec]) -> list[UnconfiguredView]:
         """unconfigured(), by target name, each with the configured target (of ``configured``)
         that has its user, if one has."""
-        heirs = {spec.user.lower(): spec.name for spec in configured}
+        heirs = {spec.user: spec.name for spec in configured}  # as _check_owner compares
         return [
             UnconfiguredView(
                 target=name,
@@ -1042,7 +1042,7 @@ class Engine:
                 current_key_id=stored.state.current.key_id if stored.state.current else None,
                 retiring_key_ids=tuple(r.key_id for r in stored.state.retiring),
                 pending_key_id=stored.state.pending.key_id if stored.state.pending else None,
-                heir=heirs.get((stored.state.user or "").lower()),
+                heir=heirs.get(stored.state.user or ""),
             )
             for name, stored in sorted(self.unconfigured().items())
         ]
@@ -1089,7 +1089,7 @@ class Engine:
             same_user = [
                 name
                 for name, old in (self._unconfigured or {}).items()
-                if (old.state.user or "").lower() == spec.user.lower()
+                if old.state.user == spec.user
             ]
         for name in same_user:
             if self._store.read_state(name).state.renamed_to is not None:
@@ -1123,7 +1123,9 @@ class Engine:
             (name, old)
             for name, old in self.unconfigured().items()
             if old.state.user is not None
-            and old.state.user.lower() == spec.user.lower()
+            # the user exactly as _check_owner compares it, or the carried state is refused
+            # after its old one was marked (IAM may or may not fold case: never guessed)
+            and old.state.user == spec.user
             and old.state.renamed_to in (None, spec.name)  # marked: a crash after the mark
         ]
         if not mine:

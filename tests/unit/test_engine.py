@@ -463,6 +463,23 @@ def test_a_renamed_target_carries_its_state_on_and_makes_no_key() -> None:
     assert w.iam._find("watcher_1", retired).status is model.KeyStatus.INACTIVE
 
 
+def test_a_rename_that_changes_the_users_case_is_no_rename_and_marks_nothing() -> None:
+    # the ownership check compares users exactly: a carry-over matching them another way marked
+    # the old state, then was refused, and the old name could not be put back
+    w = World()
+    w.run()
+    shouted = dataclasses.replace(SPEC, name="monitor2", user="WATCHER_1")
+    configured_as(w, shouted)
+
+    w.engine.run_pass(shouted)
+
+    assert w.vault.read_state("monitoring").state.renamed_to is None
+    [view] = w.engine.unconfigured_view([shouted])
+    assert view.target == "monitoring" and view.heir is None
+    configured_as(w, SPEC)  # and the old config still works
+    assert w.engine.run_pass(SPEC).ok
+
+
 def test_a_rename_interrupted_after_marking_the_old_state_is_finished_by_the_next_pass() -> None:
     w = World()
     w.run()
