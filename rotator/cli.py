@@ -131,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else _check_secret_files(settings)
             )
             names = ", ".join(s.name for s in specs)
-            print(f"{path}: OK, {len(specs)} target(s): {names}")
+            _out(f"{path}: OK, {len(specs)} target(s): {names}")
             for note in [*unchecked, *daemon.config_warnings(specs)]:
-                print(f"  note: {note}")
+                _out(f"  note: {note}")
             return EXIT_OK
         if command == "run" and not args.once and not args.dry_run:
             return daemon.Daemon(path, settings).run()
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(runtime, as_json=args.json)
         if command == "adopt":
             _check_targets([args.target], runtime)
-            print(runtime.engine.adopt(runtime.specs[args.target], args.key_id))
+            _out(runtime.engine.adopt(runtime.specs[args.target], args.key_id))
             return EXIT_OK
     except errors.ConfigError as exc:
         print(f"rotator: config error: {log.redact(str(exc))}", file=sys.stderr)
@@ -167,6 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last resort: a bug gets one line, never a traceback
         return _internal_error(exc)
     raise AssertionError(f"unhandled command {args.command}")  # argparse limits the choices
+
+
+def _out(text: str) -> None:
+    """What a command prints, redacted as the log is: what it shows comes from Vault and IAM,
+    where a hand edit can put a secret in a field meant for an id."""
+    print(log.redact(text))
 
 
 def _internal_error(exc: Exception) -> int:
@@ -256,10 +262,10 @@ def _passes(
         runtime, names, force=force, check_identity=force, lock_wait=lock_wait
     )
     for report in reports:
-        print(_summary(report))
+        _out(_summary(report))
         if report.dry_run:
             for action in report.actions or ("nothing to do",):
-                print(f"  - {action}")
+                _out(f"  - {action}")
     if force and any(r.skipped for r in reports):
         return EXIT_FAILED  # `rotate` could not rotate a target another replica kept busy
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
@@ -315,9 +321,9 @@ def _status(runtime: daemon.Runtime, *, as_json: bool) -> int:
         rows.append(_status_row(view, now))
     rows.extend(_unconfigured_rows(runtime))  # said, but not a failure: a removal is deliberate
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _out(json.dumps(rows, indent=2))
     else:
-        print(_table(rows))
+        _out(_table(rows))
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -128,6 +128,16 @@ def test_once_then_status_and_dry_run(
     unknown = rotator("rotate", "nope")
     assert unknown.returncode == 2 and "unknown target nope" in unknown.stderr
 
+    # a hand edit swaps the published fields: status shows the id field, never the secret
+    secret = republished["secret_access_key"]
+    swapped = {**republished, "access_key_id": secret, "secret_access_key": "AKIA-by-hand"}
+    vault.client().secrets.kv.v2.create_or_update_secret(
+        path="monitoring/watcher_1", secret=swapped, mount_point=vault.mount
+    )
+    for shown in (rotator("status", "--json"), rotator("status")):
+        assert shown.returncode == 1  # the published secret does not hold a working key
+        assert secret not in shown.stdout + shown.stderr
+
 
 def run_until_first_key(
     cfg: Path,
