@@ -25,11 +25,11 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -52,8 +52,9 @@ from rotator.model import Secret
 
 CREDENTIAL_PREFIX = "credential:"
 POLICY_MAX_CHARS = 5120  # EIM's limit on a policy document, whitespace removed
-# Bounds on what is read whole: a file name pointing at /dev/zero or a huge file must give an
-# error, not a hang or an out-of-memory kill. Each is far above any real file of its kind.
+# Bounds on what is read whole: a huge file must give an error, not an out-of-memory kill (a
+# FIFO or a device such as /dev/zero is refused before it is opened). Each is far above any
+# real file of its kind.
 CONFIG_FILE_MAX_CHARS = 16 * 1024 * 1024  # a fleet of many thousand targets
 POLICY_FILE_MAX_CHARS = 64 * 1024  # 5120 characters of JSON, however indented
 SECRET_FILE_MAX_CHARS = 64 * 1024  # a key pair, a Vault token, a service account JWT
@@ -432,10 +433,18 @@ def _check_url(value: str) -> str:
             "http://host:port or https://host[:port]"
         )
     parts = urlsplit(value)
-    # Checked before the URL is echoed anywhere: it might carry a password.
+    # Checked before the URL is echoed anywhere: it might carry a password, or a token in its
+    # query (?key=...). The characters, not the parts: a bare '?' or '#' is an empty part.
     if "@" in parts.netloc:
         raise ValueError(
             "the URL must not carry credentials (user:password@): use the credential settings"
+        )
+    if "?" in value or "#" in value:
+        shown = _show(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+        raise ValueError(
+            f"the URL {shown} is followed by a query ('?...') or a fragment ('#...'), not shown "
+            "here: remove it; an endpoint takes none, and credentials go in the credential "
+            "settings"
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
@@ -451,8 +460,6 @@ def _check_url(value: str) -> str:
             f"port 0 in URL '{value}' cannot be connected to: use the server's port, a number "
             "from 1 to 65535, or leave the port out for the scheme's default"
         )
-    if parts.query or parts.fragment:
-        raise ValueError(f"invalid URL '{value}': remove the query ('?...') and fragment ('#...')")
     return value
 
 
@@ -647,13 +654,53 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def _read_bounded(file: Path, limit: int) -> str | None:
-    """The text of ``file``, or None if it is longer than ``limit`` characters.
+_FILE_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
-    Never reads more than ``limit + 1`` characters: ``/dev/zero`` or a huge file is refused
-    at once instead of hanging or filling memory (st_size is 0 for devices and pipes).
+
+class _NotRegularFile(Exception):
+    """A file to be read is a FIFO, a device, a socket or a directory; ``kind`` says which."""
+
+    def __init__(self, mode: int) -> None:
+        self.kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "a special file")
+        super().__init__(self.kind)
+
+
+def _open_regular(file: Path) -> int:
+    """A read-only descriptor of ``file`` once it is known to be a regular file (or a symlink
+    to one); _NotRegularFile otherwise, and OSError as os.open raises it.
+
+    Opening a FIFO blocks until a writer comes, for ever in check-config, and opening a device
+    may do anything: the kind is checked before the open, and again on the descriptor, opened
+    with O_NONBLOCK so that a name swapped for a FIFO in between cannot block it either.
     """
-    with file.open(encoding="utf-8") as stream:
+    mode = os.stat(file).st_mode
+    if not stat.S_ISREG(mode):
+        raise _NotRegularFile(mode)
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegularFile(mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_bounded(file: Path, limit: int) -> str | None:
+    """The text of the regular file ``file``, or None if it is longer than ``limit`` characters.
+
+    Raises _NotRegularFile for anything else (see :func:`_open_regular`), and never reads more
+    than ``limit + 1`` characters: a huge file is refused at once instead of filling memory.
+    """
+    with os.fdopen(_open_regular(file), encoding="utf-8") as stream:
         text = stream.read(limit + 1)
     return None if len(text) > limit else text
 
@@ -664,6 +711,11 @@ def _read_policy_file(path: Path) -> Any:
         text = _read_bounded(file, POLICY_FILE_MAX_CHARS)
     except errors.ConfigError as exc:
         raise ValueError(exc.message) from None
+    except _NotRegularFile as exc:
+        raise ValueError(
+            f"the policy document {path} is {exc.kind}, not a regular file: give the JSON file "
+            "of the policy (document_file is relative to the config file's directory)"
+        ) from None
     except OSError as exc:
         raise ValueError(
             f"cannot read the policy document {path}: {exc.strerror or exc} "
@@ -1124,6 +1176,12 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise errors.ConfigError(
             "", f"config file {source} does not exist: give its path with -c or ROTATOR_CONFIG"
         ) from None
+    except _NotRegularFile as exc:
+        raise errors.ConfigError(
+            "",
+            f"config file {source} is {exc.kind}, not a regular file: give the path of the "
+            "rotator's YAML config with -c or ROTATOR_CONFIG",
+        ) from None
     except OSError as exc:
         raise errors.ConfigError(
             "", f"cannot read config file {source}: {exc.strerror or exc}"
@@ -1178,6 +1236,11 @@ def _read_text(path: str | os.PathLike[str], key_path: str) -> tuple[Path, str]:
     file = resolve_file(path, key_path)
     try:
         text = _read_bounded(file, SECRET_FILE_MAX_CHARS)
+    except _NotRegularFile as exc:
+        raise errors.ConfigError(
+            key_path,
+            f"{file} is {exc.kind}, not a regular file: give the file that holds only the secret",
+        ) from None
     except OSError as exc:
         raise errors.ConfigError(key_path, f"cannot read {file}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -1253,14 +1316,15 @@ def check_ca_file(path: str | os.PathLike[str], key_path: str = "vault.ca_file")
     file = resolve_file(path, key_path)
     fix = "give the PEM file of the CA that signed Vault's certificate, or remove the key"
     try:
-        mode = file.stat().st_mode
-        if stat.S_ISDIR(mode):
+        if file.is_dir():
             next(file.iterdir(), None)  # a directory we cannot list is an error now, not later
-        elif stat.S_ISREG(mode):  # checked before opening: a FIFO would block the open
-            with file.open("rb") as stream:
-                stream.read(1)
         else:
-            raise errors.ConfigError(key_path, f"{file} is not a regular file: {fix}")
+            with os.fdopen(_open_regular(file), "rb") as stream:
+                stream.read(1)
+    except _NotRegularFile as exc:
+        raise errors.ConfigError(
+            key_path, f"{file} is {exc.kind}, not a regular file: {fix}"
+        ) from None
     except FileNotFoundError:
         raise errors.ConfigError(key_path, f"{file} does not exist: {fix}") from None
     except OSError as exc:

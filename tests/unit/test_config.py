@@ -877,6 +877,53 @@ def test_url_with_credentials_is_rejected_without_echoing_them(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
+    ("key", "url"),
+    [
+        ("eim.endpoint", "https://eim.example/?key=abc-secret-1234"),
+        ("eim.endpoint", "https://eim.example:8443?key=abc-secret-1234"),
+        ("eim.endpoint", "https://eim.example/#abc-secret-1234"),
+        ("vault.address", "https://vault.example:8200/?token=abc-secret-1234"),
+        ("vault.address", "ftp://vault.example:99999/?token=abc-secret-1234"),  # other faults too
+    ],
+)
+def test_url_with_a_query_or_fragment_is_rejected_without_echoing_it(
+    tmp_path: Path, key: str, url: str
+) -> None:
+    data = base()
+    put(data, key, url)
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == key
+    assert "abc-secret-1234" not in str(error)
+    assert "query ('?...') or a fragment ('#...')" in error.message
+    assert "remove it" in error.message
+    assert url.partition("/?")[0].partition("?")[0].partition("/#")[0] in error.message
+
+
+@pytest.mark.parametrize("url", ["https://vault.example:8200/?", "https://vault.example:8200#"])
+def test_url_with_an_empty_query_or_fragment_is_rejected(tmp_path: Path, url: str) -> None:
+    data = base()
+    data["vault"]["address"] = url
+
+    assert "query ('?...') or a fragment" in rejected(tmp_path, data).message
+
+
+def test_vault_addr_with_a_query_is_rejected_without_echoing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULT_ADDR", "https://vault.example:8200/?token=abc-secret-1234")
+    data = base()
+    del data["vault"]["address"]
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "vault.address"
+    assert "abc-secret-1234" not in str(error)
+    assert "(taken from VAULT_ADDR)" in error.message
+
+
+@pytest.mark.parametrize(
     ("listen", "host", "port"),
     [
         ("0.0.0.0:9109", "0.0.0.0", 9109),
@@ -1218,6 +1265,181 @@ def test_document_file_may_be_a_systemd_credential(
     assert policy.document == POLICY
 
 
+# --- files that are not regular files --------------------------------------------------------
+# Opening a FIFO for reading waits for a writer: check-config and run hung for ever on one.
+# Every file rotator reads is refused, naming its key, before it is opened; the timeouts make a
+# regression fail instead of hang.
+
+
+def make_fifo(directory: Path, name: str) -> Path:
+    path = directory / name
+    os.mkfifo(path)
+    return path
+
+
+def assert_names_fifo(error: errors.ConfigError, key: str, file: Path) -> None:
+    assert error.path == key
+    assert f"{file} is a FIFO (named pipe), not a regular file" in error.message
+
+
+@pytest.mark.timeout(10)
+def test_a_config_file_that_is_a_fifo_is_refused_naming_it(tmp_path: Path) -> None:
+    path = make_fifo(tmp_path, "rotator.yaml")
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.load(path)
+
+    assert_names_fifo(info.value, "", path)
+    assert "give the path of the rotator's YAML config" in info.value.message
+
+
+@pytest.mark.timeout(10)
+def test_a_config_file_that_is_a_directory_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigError) as info:
+        config.load(tmp_path)
+
+    assert info.value.path == ""
+    assert f"config file {tmp_path} is a directory, not a regular file" in info.value.message
+
+
+SECRET_FILE_KEYS: list[tuple[str, dict[str, Any], Callable[[config.Settings], object]]] = [
+    (
+        "eim.credentials_file",
+        {"eim": {"credentials_file": "fifo"}},
+        lambda s: config.read_eim_credentials(s.eim),
+    ),
+    (
+        "vault.auth.token_file",
+        {"vault.auth": {"token_file": "fifo"}},
+        lambda s: config.read_vault_token(s.vault),
+    ),
+    (
+        "vault.auth.approle.secret_id_file",
+        {
+            "vault.auth.method": "approle",
+            "vault.auth.approle": {"role_id": "r", "secret_id_file": "fifo"},
+        },
+        lambda s: config.read_secret_file(
+            typing.cast(config.AppRoleSettings, s.vault.auth.approle).secret_id_file,
+            "vault.auth.approle.secret_id_file",
+        ),
+    ),
+    (
+        "vault.auth.kubernetes.token_file",
+        {
+            "vault.auth.method": "kubernetes",
+            "vault.auth.kubernetes": {"role": "r", "token_file": "fifo"},
+        },
+        lambda s: config.read_secret_file(
+            typing.cast(config.KubernetesAuthSettings, s.vault.auth.kubernetes).token_file,
+            "vault.auth.kubernetes.token_file",
+        ),
+    ),
+]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("key", "settings", "read"), SECRET_FILE_KEYS, ids=[key for key, _, _ in SECRET_FILE_KEYS]
+)
+def test_a_secret_file_that_is_a_fifo_is_refused_naming_its_key(
+    tmp_path: Path,
+    key: str,
+    settings: dict[str, Any],
+    read: Callable[[config.Settings], object],
+) -> None:
+    path = make_fifo(tmp_path, "fifo")
+    data = base()
+    for dotted, value in settings.items():
+        put(data, dotted, value)
+    loaded = load(tmp_path, data)  # loads: secret files are read at use
+
+    with pytest.raises(errors.ConfigError) as info:
+        read(loaded)
+
+    assert_names_fifo(info.value, key, path)
+    assert "give the file that holds only the secret" in info.value.message
+
+
+@pytest.mark.timeout(10)
+def test_a_policy_document_file_that_is_a_fifo_is_refused_naming_the_key(tmp_path: Path) -> None:
+    path = make_fifo(tmp_path, "policy.json")
+    data = base()
+    _policy_target(data, {"document_file": "policy.json"})
+
+    error = rejected(tmp_path, data)
+
+    assert_names_fifo(error, "targets[0].policy.document_file", path)
+
+
+@pytest.mark.timeout(10)
+def test_a_systemd_credential_that_is_a_fifo_is_refused_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    path = make_fifo(credentials, "vault-token")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    settings = vault_settings(tmp_path, token_file="credential:vault-token")
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_vault_token(settings)
+
+    assert_names_fifo(info.value, "vault.auth.token_file", path)
+
+
+@pytest.mark.timeout(10)
+def test_a_symlink_to_a_fifo_is_refused_naming_the_link(tmp_path: Path) -> None:
+    make_fifo(tmp_path, "fifo")
+    (tmp_path / "token").symlink_to(tmp_path / "fifo")
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_secret_file(tmp_path / "token", "vault.auth.token_file")
+
+    assert_names_fifo(info.value, "vault.auth.token_file", tmp_path / "token")
+
+
+@pytest.mark.timeout(10)
+def test_a_file_swapped_for_a_fifo_after_its_check_is_refused_without_blocking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name is checked, then opened: a FIFO put in its place in between must not block the
+    # open either. os.stat answering for a regular file stands for the swap.
+    (tmp_path / "regular").write_text("hvs.token\n")
+    path = make_fifo(tmp_path, "fifo")
+    real_stat = os.stat
+
+    def stat_of_the_regular_file(*_: Any, **__: Any) -> os.stat_result:
+        return real_stat(tmp_path / "regular")
+
+    monkeypatch.setattr(os, "stat", stat_of_the_regular_file)
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_secret_file(path, "vault.auth.token_file")
+    monkeypatch.undo()
+
+    assert_names_fifo(info.value, "vault.auth.token_file", path)
+
+
+def test_symlinks_to_regular_files_are_read_as_the_files(tmp_path: Path) -> None:
+    # A Kubernetes ConfigMap or Secret mounts each file as a symlink into ..data/.
+    real = tmp_path / "..data"
+    real.mkdir()
+    (real / "token").write_text("hvs.from-a-symlink\n")
+    (real / "policy.json").write_text(json.dumps(POLICY))
+    data = base()
+    _policy_target(data, {"document_file": "policy.json"})
+    data["vault"]["auth"] = {"token_file": "token"}
+    (real / "rotator.yaml").write_text(yaml.safe_dump(data))
+    for name in ("token", "policy.json", "rotator.yaml"):
+        (tmp_path / name).symlink_to(real / name)
+
+    settings = config.load(tmp_path / "rotator.yaml")
+
+    assert config.read_vault_token(settings.vault).reveal() == "hvs.from-a-symlink"
+    policy = settings.targets[0].policy
+    assert policy is not None and policy.document == POLICY
+
+
 # --- immutability and secrecy ----------------------------------------------------------------
 
 
@@ -1421,14 +1643,27 @@ def test_an_inline_policy_nested_too_deeply_is_refused_naming_document(tmp_path:
 
 
 @pytest.mark.timeout(10)
-def test_a_policy_file_that_never_ends_is_refused_as_too_long(tmp_path: Path) -> None:
+def test_a_policy_file_that_never_ends_is_refused_as_not_a_regular_file(tmp_path: Path) -> None:
     data = base()
     _policy_target(data, {"document_file": "/dev/zero"})
 
     error = rejected(tmp_path, data)
 
     assert error.path == "targets[0].policy.document_file"
-    assert "/dev/zero is too long" in error.message and "5120" in error.message
+    assert "/dev/zero is a character device, not a regular file" in error.message
+
+
+@pytest.mark.timeout(10)
+def test_a_huge_policy_file_is_refused_as_too_long(tmp_path: Path) -> None:
+    with (tmp_path / "huge.json").open("wb") as stream:
+        stream.truncate(10 * 1024 * 1024)  # sparse: ten megabytes of NUL, written in no time
+    data = base()
+    _policy_target(data, {"document_file": "huge.json"})
+
+    error = rejected(tmp_path, data)
+
+    assert error.path == "targets[0].policy.document_file"
+    assert "huge.json is too long" in error.message and "5120" in error.message
 
 
 def test_a_pretty_printed_policy_file_within_the_eim_limit_is_accepted(tmp_path: Path) -> None:
@@ -1447,15 +1682,33 @@ def test_a_pretty_printed_policy_file_within_the_eim_limit_is_accepted(tmp_path:
 
 
 @pytest.mark.timeout(10)
-def test_a_config_file_that_never_ends_is_refused_as_too_long() -> None:
-    with pytest.raises(errors.ConfigError, match="/dev/zero is longer than 16777216 characters"):
+def test_a_config_file_that_never_ends_is_refused_as_not_a_regular_file() -> None:
+    with pytest.raises(errors.ConfigError, match="/dev/zero is a character device, not a regular"):
         config.load("/dev/zero")
 
 
 @pytest.mark.timeout(10)
-def test_a_secret_file_that_never_ends_is_refused_as_too_long(tmp_path: Path) -> None:
-    with pytest.raises(errors.ConfigError, match="longer than 65536 characters") as info:
+def test_a_huge_config_file_is_refused_as_too_long(tmp_path: Path) -> None:
+    with (tmp_path / "huge.yaml").open("wb") as stream:
+        stream.truncate(config.CONFIG_FILE_MAX_CHARS + 1)
+
+    with pytest.raises(errors.ConfigError, match=r"huge\.yaml is longer than 16777216 characters"):
+        config.load(tmp_path / "huge.yaml")
+
+
+@pytest.mark.timeout(10)
+def test_a_secret_file_that_never_ends_is_refused_as_not_a_regular_file() -> None:
+    with pytest.raises(errors.ConfigError, match="is a character device, not a regular") as info:
         config.read_secret_file("/dev/zero", "vault.auth.token_file")
+    assert info.value.path == "vault.auth.token_file"
+
+
+@pytest.mark.timeout(10)
+def test_a_huge_secret_file_is_refused_as_too_long(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("x" * (config.SECRET_FILE_MAX_CHARS + 1))
+
+    with pytest.raises(errors.ConfigError, match="longer than 65536 characters") as info:
+        config.read_secret_file(tmp_path / "token", "vault.auth.token_file")
     assert info.value.path == "vault.auth.token_file"
 
 
@@ -1490,8 +1743,10 @@ def test_a_ca_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for path in (Path("/dev/zero"), fifo):
-        with pytest.raises(errors.ConfigError, match="not a regular file"):
+        with pytest.raises(errors.ConfigError, match="not a regular file") as info:
             config.check_ca_file(path)
+        assert info.value.path == "vault.ca_file"
+        assert str(path) in info.value.message
 
 
 def test_a_readable_ca_file_or_certificate_directory_is_accepted(tmp_path: Path) -> None:
