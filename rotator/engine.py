@@ -663,6 +663,16 @@ class Engine:
             )
             p.state = rotation.deactivated(p.state, key_id, spec.policy, now)
             log.info("key_deactivated", target=spec.name, key_id=key_id, reason=action.reason)
+        elif action.kind is kind.REGRACE:
+            assert key_id is not None
+            p.state = rotation.regraced(p.state, key_id, spec.policy, now)
+            log.warning(
+                "key_reactivated",
+                target=spec.name,
+                key_id=key_id,
+                reason=action.reason,
+                retire_at=model.format_time(now + spec.policy.grace),
+            )
         elif action.kind is kind.SCHEDULE_DELETE:
             assert key_id is not None
             p.state = rotation.deactivated(p.state, key_id, spec.policy, now)

@@ -37,6 +37,8 @@ REINSTATE              the published secret holds a retiring key (a KV    state:
 DEACTIVATE             retiring key Active and now >= retire_at, while     IAM: Inactive; state:
                        the published key is Active (else it may be the     delete_at=now+inactive
                        last working key: kept Active)
+REGRACE                retiring key rotator made Inactive, Active again    state: retire_at=
+                       (someone undid it: a rollback)                      now+grace
 SCHEDULE_DELETE        retiring key Inactive but no delete_at (someone     state: delete_at=
                        else deactivated it)                                now+inactive_period
 DELETE_RETIRED         retiring key Inactive and now >= delete_at          IAM: delete; state:
@@ -101,6 +103,7 @@ class ActionKind(enum.StrEnum):
     FORGET_RETIRED = "forget_retired"
     REINSTATE = "reinstate"
     DEACTIVATE = "deactivate"
+    REGRACE = "restart_grace"
     SCHEDULE_DELETE = "schedule_delete"
     DELETE_RETIRED = "delete_retired"
     CREATE_KEY = "create_key"
@@ -257,7 +260,15 @@ def decide(
         elif retiring.key_id in protected:
             continue  # the published key is never retired, whatever the state says
         elif retiring_key.status is model.KeyStatus.ACTIVE:
-            if now >= retire_deadline(retiring, policy) and published_works:
+            if retiring.deactivated_at is not None:  # rotator made it Inactive: a person undid it
+                actions.append(
+                    Action(
+                        ActionKind.REGRACE,
+                        "made Active again outside rotator: a new grace period from now",
+                        retiring.key_id,
+                    )
+                )
+            elif now >= retire_deadline(retiring, policy) and published_works:
                 actions.append(
                     Action(ActionKind.DEACTIVATE, "grace period is over", retiring.key_id)
                 )
@@ -553,6 +564,21 @@ def deactivated(
     return state.replace(
         retiring=tuple(
             dataclasses.replace(r, deactivated_at=now, delete_at=now + policy.inactive_period)
+            if r.key_id == key_id
+            else r
+            for r in state.retiring
+        )
+    )
+
+
+def regraced(
+    state: model.TargetState, key_id: str, policy: Policy, now: datetime
+) -> model.TargetState:
+    """The state once a retiring key made Inactive was made Active again by hand (a rollback,
+    the runbook's): it retires anew, grace from now, rather than being deactivated at once."""
+    return state.replace(
+        retiring=tuple(
+            model.RetiringKey(key_id=r.key_id, retire_at=now + policy.grace, since=now)
             if r.key_id == key_id
             else r
             for r in state.retiring

@@ -153,6 +153,36 @@ def test_with_the_published_key_made_inactive_by_hand_the_retiring_key_stays_act
     assert w.iam._find("watcher_1", first).status is model.KeyStatus.INACTIVE
 
 
+def test_a_retiring_key_made_active_again_by_hand_gets_a_new_grace_not_deactivated() -> None:
+    # the runbook's roll-back: make the Inactive previous key Active, then restore it in Vault
+    w = World()
+    w.run()
+    first = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    w.run()
+    w.clock.advance(minutes=2)
+    w.run()
+    hand = w.iam._find("watcher_1", first)
+    assert hand.status is model.KeyStatus.INACTIVE
+    hand.status = model.KeyStatus.ACTIVE  # by hand
+    w.clock.advance(seconds=30)
+
+    with structlog.testing.capture_logs() as logs:
+        w.run()
+
+    assert hand.status is model.KeyStatus.ACTIVE
+    [retiring] = w.state().retiring
+    assert retiring.deactivated_at is None
+    assert retiring.retire_at == w.clock.now() + POLICY.grace
+    assert [e["key_id"] for e in logs if e["event"] == "key_reactivated"] == [first]
+    w.clock.advance(seconds=30)
+    w.run()
+    assert hand.status is model.KeyStatus.ACTIVE  # still in its new grace
+    w.clock.advance(minutes=2)
+    w.run()
+    assert hand.status is model.KeyStatus.INACTIVE  # then retired as before
+
+
 def test_key_still_propagating_is_published_once_it_authenticates() -> None:
     w = World()
     w.iam.propagation = timedelta(seconds=15)
