@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(runtime, as_json=args.json)
         if command == "adopt":
             _check_targets([args.target], runtime)
-            _out(runtime.engine.adopt(runtime.specs[args.target], args.key_id))
+            spec = runtime.specs[args.target]
+            _out(runtime.engine.adopt(spec, args.key_id, others=runtime.specs.values()))
             return EXIT_OK
     except errors.ConfigError as exc:
         print(f"rotator: config error: {log.redact(str(exc))}", file=sys.stderr)

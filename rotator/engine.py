@@ -1222,8 +1222,12 @@ class Engine:
             failures=state.failures,
         )
 
-    def adopt(self, spec: TargetSpec, key_id: str) -> str:
-        """Hand a foreign key to the rotator, which retires it like its own. Returns a summary."""
+    def adopt(self, spec: TargetSpec, key_id: str, others: Iterable[TargetSpec] = ()) -> str:
+        """Hand a foreign key to the rotator, which retires it like its own. Returns a summary.
+
+        A key another target's state tracks (``others``: the configured targets; and the states
+        of targets the config no longer names) is refused: it is not foreign, and that target
+        may still publish it."""
         stored = self._state_of(spec)  # a renamed target's keys are its own, not foreign
         keys = {k.key_id: k for k in self._iam.list_keys(spec.user)}
         state = stored.state
@@ -1235,12 +1239,38 @@ class Engine:
             )
         if key_id in state.created_ids or key_id in state.tracked_ids():
             return f"{key_id} is already managed by rotator for target {spec.name}"
+        owner = self._tracked_elsewhere(spec, key_id, others)
+        if owner is not None:
+            raise errors.RotatorError(
+                f"key {key_id} is tracked by the state of target {owner}, which may still "
+                f"publish it: it is not foreign to rotator, and adopting it for {spec.name} "
+                f"would retire it under {owner}'s consumers. Fix {owner} first (see `rotator "
+                "status`); its next pass retires the key once it no longer needs it",
+            )
         new_state = rotation.adopt(state, key, spec.policy, self._clock.now())
         if self._dry_run:
             return f"would adopt {key_id}: it would retire through grace, Inactive and deletion"
         self._store.write_state(spec.name, new_state, stored.version)
         log.info("key_adopted", target=spec.name, key_id=key_id)
         return f"{key_id} adopted: it retires through grace, Inactive and deletion"
+
+    def _tracked_elsewhere(
+        self, spec: TargetSpec, key_id: str, others: Iterable[TargetSpec]
+    ) -> str | None:
+        """The other target whose state tracks ``key_id``, if one does."""
+        for other in others:
+            if other.name != spec.name and _tracked_in(
+                self._store.read_state(other.name).state, key_id
+            ):
+                return other.name
+        for name, old in self.unconfigured().items():
+            if name != spec.name and _tracked_in(old.state, key_id):
+                return name
+        return None
+
+
+def _tracked_in(state: model.TargetState, key_id: str) -> bool:
+    return key_id in state.tracked_ids() or key_id in state.created_ids
 
 
 def _shared_keys(change: identity.Change) -> tuple[tuple[str, str], ...]:

@@ -240,6 +240,21 @@ def test_adopted_foreign_key_is_retired_and_the_slot_freed() -> None:
     assert hand not in [k.key_id for k in w.iam.keys_of("watcher_1")]
 
 
+def test_adopt_refuses_a_key_another_targets_state_tracks() -> None:
+    # a name reused after a rename: the key the other state publishes is not foreign to rotator
+    w = World()
+    w.run()
+    key = w.vault.published_id(PATH)
+    assert key is not None
+    reused = dataclasses.replace(SPEC, name="monitor2", secret_path="m2/w1")
+
+    with pytest.raises(errors.RotatorError) as refused:
+        w.engine.adopt(reused, key, others=[SPEC, reused])
+
+    assert f"key {key} is tracked by the state of target monitoring" in str(refused.value)
+    assert w.vault.read_state("monitor2").version == 0  # nothing written
+
+
 def adopted_published_hand_key() -> tuple[World, str]:
     """A migration: consumers read a hand-made key K from Vault and the operator adopts it; then
     longer than grace passes, so K's own retire_at is past (K is protected while published)."""
