@@ -1176,12 +1176,14 @@ class Engine:
         stored = self._state_of(spec, write=False)
         published = self._store.read_published(spec.secret_path)
         problem: str | None = None
+        user = spec.user
         try:
             _check_owner(spec, stored.state)
         except errors.ConfigError as exc:
             problem = str(exc)
+            user = stored.state.user or user  # the keys the state tracks, not the new user's
         try:
-            keys = self._iam.list_keys(spec.user)
+            keys = self._iam.list_keys(user)
         except errors.EimNoSuchEntity:
             keys = []  # with a managed identity the next pass creates the user
             if spec.desired is None:

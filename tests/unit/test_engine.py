@@ -334,6 +334,8 @@ def test_a_target_moved_to_another_user_stops_with_a_clear_error_and_touches_not
     assert "belong to user watcher_1, the config now says watcher_2" in report.error
     assert "put user: watcher_1 back" in report.error
     assert view.last_error is not None and "belong to user watcher_1" in view.last_error
+    # status shows the keys the state tracks, not "the current key is gone" of the new user
+    assert view.due_reason is None and [k.key_id for k in view.keys] == list(old_keys)
     assert {k.key_id: k.status for k in w.iam.keys_of("watcher_1")} == old_keys
     assert w.iam.keys_of("watcher_2") == []
     assert w.state().user == "watcher_1"
