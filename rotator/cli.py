@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a target failed, is blocked, or a command could not do 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -140,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run = bool(getattr(args, "dry_run", False))
         runtime = daemon.build_runtime(settings, daemon.SystemClock(), dry_run=dry_run)
         if command == "run":
-            return _passes(runtime, list(runtime.specs), force=False)
+            code = _passes(runtime, list(runtime.specs), force=False)
+            with contextlib.suppress(errors.RotatorError):  # Vault away: the passes said so
+                daemon.warn_unconfigured(runtime.engine.unconfigured_view(runtime.specs.values()))
+            return code
         if command == "rotate":
             targets = list(dict.fromkeys(args.targets))  # one pass per target, even if named twice
             _check_targets(targets, runtime)

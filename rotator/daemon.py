@@ -284,6 +284,20 @@ def build_runtime(
     return Runtime(settings, specs, worker, store)
 
 
+def warn_unconfigured(found: Iterable[engine.UnconfiguredView]) -> None:
+    """A warning per target the config no longer names whose state still tracks keys."""
+    for view in found:
+        logger.warning(
+            "target_not_configured",
+            target=view.target,
+            user=view.user,
+            current_key_id=view.current_key_id,
+            retiring_key_ids=list(view.retiring_key_ids),
+            pending_key_id=view.pending_key_id,
+            note=view.fate,
+        )
+
+
 def run_passes(
     runtime: Runtime,
     names: Iterable[str],
@@ -423,16 +437,7 @@ class Daemon:
                 return
             self._reported = runtime
         self._metrics.set_unconfigured(len(found))
-        for view in found:
-            logger.warning(
-                "target_not_configured",
-                target=view.target,
-                user=view.user,
-                current_key_id=view.current_key_id,
-                retiring_key_ids=list(view.retiring_key_ids),
-                pending_key_id=view.pending_key_id,
-                note=view.fate,
-            )
+        warn_unconfigured(found)
 
     def _schedule(self, runtime: Runtime) -> None:
         scheduler = self._scheduler

@@ -380,6 +380,11 @@ def test_a_renamed_target_carries_its_keys_on_and_a_removed_one_is_warned_of(
     rows = {row["target"]: row for row in json.loads(status.stdout)}
     assert set(rows) == {"other", "monitor2"}, status.stdout + status.stderr
     assert f"not in the config; its state tracks {key} (current)" in rows["monitor2"]["error"]
+    once = run_rotator(cfg, daemon_env, "run", "--once")
+    warned = [
+        json.loads(line) for line in once.stderr.splitlines() if "target_not_configured" in line
+    ]
+    assert [w["target"] for w in warned] == ["monitor2"], once.stderr
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 
