@@ -433,6 +433,7 @@ class Engine:
         return bool(p.decision.actions) or self._outcome(p) != p.stored.state
 
     def _work(self, p: _Pass, *, force: bool) -> None:
+        self._check_account(p)
         if p.identity_due:
             self._ensure_identity(p)
         if p.user_missing and not self._dry_run:
@@ -440,6 +441,34 @@ class Engine:
             self._observe_keys(p)
         self._apply(p, force=force)
         self._record_outcome(p)
+
+    def _check_account(self, p: _Pass) -> None:
+        """Before any change: the keys the state tracks were made in the account rotator's
+        credentials act in now. Pointed at another account (eim.endpoint, eim.region or the
+        credentials changed), the user's keys would look gone and a pass would make the user
+        and a key there and publish it over the working one. Recorded at the first change."""
+        account = self._iam.account()
+        problem = self._account_problem(p.state, account)
+        if problem is not None:
+            raise errors.ConfigError(f"target {p.spec.name}: eim", problem)
+        if account is not None:
+            p.state = p.state.replace(account=account)
+
+    def _account_problem(self, state: model.TargetState, account: str | None) -> str | None:
+        recorded = state.account
+        if account is None or recorded is None or account == recorded or _movable(state):
+            return None
+        keys = ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"
+        return (
+            f"its keys ({keys}) were made in IAM account {recorded}, and rotator's EIM "
+            f"credentials now act in account {account} at {self._iam_endpoint()}: nothing "
+            f"was changed there. Put eim.endpoint, eim.region and eim.credentials_file "
+            f"back; to move the target to account {account} for good, retire its keys in "
+            f"{recorded} by hand, then delete its state in Vault to start over"
+        )
+
+    def _iam_endpoint(self) -> str:
+        return str(getattr(self._iam, "endpoint", "the configured endpoint"))
 
     @contextlib.contextmanager
     def _leased(self, spec: TargetSpec, wait: float) -> Iterator[_Lease]:
@@ -1182,6 +1211,8 @@ class Engine:
         except errors.ConfigError as exc:
             problem = str(exc)
             user = stored.state.user or user  # the keys the state tracks, not the new user's
+        if problem is None:
+            problem = self._account_problem(stored.state, self._iam.account())
         try:
             keys = self._iam.list_keys(user)
         except errors.EimNoSuchEntity:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from mypy_boto3_iam.literals import StatusTypeType
 
 _VERIFY_ACTIONS = ("iam:GetUser", "sts:GetCallerIdentity")
+# arn:aws:iam::123456789012:user/name, orn:ows:idauth::123456789012:user/name, ...:account
+_ACCOUNT_IN_ARN = re.compile(r"^[a-z]+:[a-z-]+:[a-z-]+::(\d{12}):")
 # The verification client must fail fast: a slow answer is retried on a later pass, and every
 # failed signature counts toward OUTSCALE's lockout (four in a row), so it never retries itself.
 _VERIFY_CONNECT_TIMEOUT = 3.0
@@ -365,6 +368,7 @@ class EimIdentity:
         self._credentials = credentials() if callable(credentials) else credentials
         self._loader: Any = None
         self._client, self._once_client = self._build(self._credentials)
+        self._account: tuple[object, str | None] | None = None  # (the client asked, its answer)
 
     def _build(self, credentials: tuple[str, model.Secret] | None) -> tuple[IAMClient, IAMClient]:
         try:
@@ -531,6 +535,27 @@ class EimIdentity:
             document=document,
             versions=tuple(sorted(versions, key=lambda v: v.created)),
         )
+
+    def account(self) -> str | None:
+        """The account of rotator's own credentials, from GetUser without a name (its ARN, or
+        EIM's ORN); asked again only when the credentials change. None when IAM will not say:
+        the call denied (iam:GetUser not granted), or credentials that are not a user's (a role
+        from the boto3 chain)."""
+        self._reload_credentials()
+        client = self._client
+        known = self._account
+        if known is not None and known[0] is client:
+            return known[1]
+        try:
+            with self._calling("GetUser"):
+                arn = str(self._client.get_user().get("User", {}).get("Arn", ""))
+        except errors.EimError as exc:
+            if exc.transient:
+                raise  # not known yet: asked again next time
+            arn = ""
+        found = _ACCOUNT_IN_ARN.search(arn)
+        self._account = (client, found.group(1) if found else None)
+        return self._account[1]
 
     def get_user(self, name: str) -> model.User | None:
         # One call says both whether the user exists (NoSuchEntity) and which groups it is in.

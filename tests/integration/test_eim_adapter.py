@@ -180,6 +180,16 @@ def test_third_key_is_refused_with_quota_exceeded(identity: eim.EimIdentity, see
     assert len(identity.list_keys("watcher_1")) == 2
 
 
+def test_the_account_comes_from_the_callers_arn_and_is_none_when_get_user_is_denied(
+    identity: eim.EimIdentity, iam_admin: servers.MotoAdmin, seeded: str
+) -> None:
+    arn = iam_admin.client().get_user()["User"]["Arn"]
+    assert identity.account() == arn.split(":")[4] and len(arn.split(":")[4]) == 12
+    # a user without iam:GetUser: not known, and no error (rotator goes on without the check)
+    new = identity.create_key("watcher_1")
+    assert make_identity(iam_admin, key_id=new.key_id, secret=new.secret.reveal()).account() is None
+
+
 # --- verification --------------------------------------------------------------------------
 
 

@@ -245,6 +245,7 @@ def full_state() -> model.TargetState:
         user="watcher_1",
         secret_path="monitoring/watcher_1",
         renamed_to="monitor2",
+        account="123456789012",
     )
 
 

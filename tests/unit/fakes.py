@@ -83,6 +83,8 @@ class FakeIAM:
         self.max_keys = max_keys
         self.quota = quota
         self.users: dict[str, list[FakeKey]] = {}
+        self.account_id: str | None = "123456789012"
+        self.account_calls = 0
         self.groups: dict[str, set[str]] = {}
         self.group_policies: dict[str, set[str]] = {}
         self.policies: dict[str, list[tuple[str, Mapping[str, Any], datetime]]] = {}
@@ -138,6 +140,10 @@ class FakeIAM:
         raise errors.EimNoSuchEntity(f"no key {key_id}", code="NoSuchEntity")
 
     # Identity port: observation
+    def account(self) -> str | None:
+        self.account_calls += 1  # not in ``calls``: asked once a process, not once a pass
+        return self.account_id
+
     def get_group(self, name: str) -> model.Group | None:
         self._call("ListAttachedGroupPolicies")
         if name not in self.groups:

@@ -341,6 +341,30 @@ def test_a_target_moved_to_another_user_stops_with_a_clear_error_and_touches_not
     assert w.state().user == "watcher_1"
 
 
+def test_credentials_of_another_account_change_nothing_there_and_publish_nothing() -> None:
+    # eim.endpoint, eim.region or the credentials file pointed at another account: the user
+    # and its keys look gone, and a pass would make them there and publish over the working key
+    w = World()
+    w.run()
+    assert w.state().account == "123456789012"
+    published = w.vault.published_id(PATH)
+    ours = w.iam.users
+    w.iam.users, w.iam.account_id = {}, "222222222222"  # another account: no such user
+    w.clock.advance(seconds=30)
+
+    report = w.run()
+
+    assert not report.ok and "config" in report.error_components
+    assert report.error is not None
+    assert "made in IAM account 123456789012" in report.error
+    assert "now act in account 222222222222" in report.error
+    assert w.iam.users == {} and w.vault.published_id(PATH) == published
+    view = w.engine.status(SPEC)
+    assert view.last_error is not None and "now act in account 222222222222" in view.last_error
+    w.iam.users, w.iam.account_id = ours, "123456789012"  # put back
+    assert w.run().ok and w.vault.published_id(PATH) == published and w.published_works()
+
+
 def test_a_target_with_nothing_tracked_may_move_to_another_user() -> None:
     w = World()
     w.vault.write_state(SPEC.name, model.TargetState(user="watcher_0"), 0)
