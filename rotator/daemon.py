@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import signal
 import threading
@@ -71,30 +72,104 @@ class SystemClock:
 # --- wiring ----------------------------------------------------------------------------------
 
 
-def rotation_window(expression: str | None, key_path: str) -> Callable[[datetime], bool] | None:
+# How far ahead a window is checked: every yearly pattern, and a 29 February seen from after it.
+WINDOW_HORIZON = timedelta(days=366)
+WINDOW_SAMPLES = 400  # starting points over the horizon: a few tens of milliseconds per window
+WINDOW_OPENINGS_MEASURED = 5  # openings whose length is compared with check_interval
+
+
+class RotationWindow:
+    """A compiled ``rotation_window``: called with a time, "may a key be created at this
+    minute?" (a minute matching the cron expression, in UTC), as the engine asks each pass."""
+
+    def __init__(self, expression: str, key_path: str) -> None:
+        try:
+            self._trigger = CronTrigger.from_crontab(expression, timezone=UTC)
+        except ValueError as exc:
+            raise errors.ConfigError(
+                key_path, f"invalid cron expression {expression!r}: {exc}"
+            ) from None
+        self.expression = expression
+        self.key_path = key_path
+
+    def __call__(self, now: datetime) -> bool:
+        minute = _minute(now)
+        fire: datetime | None = self._trigger.get_next_fire_time(None, minute)
+        return fire == minute
+
+    def next_opening(self, after: datetime) -> datetime | None:
+        """The first minute at or after ``after`` the window is open; None: it never opens."""
+        fire: datetime | None = self._trigger.get_next_fire_time(None, after.astimezone(UTC))
+        return fire
+
+    def open_minutes(self, opening: datetime, limit: int) -> int:
+        """How many minutes the window stays open around the open minute ``opening``, counted
+        up to ``limit``."""
+        minutes = 1
+        for direction in (1, -1):
+            step = 1
+            while minutes < limit and self(opening + timedelta(minutes=direction * step)):
+                minutes += 1
+                step += 1
+        return minutes
+
+
+def _minute(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def rotation_window(expression: str | None, key_path: str) -> RotationWindow | None:
     """Compile a cron expression (UTC) into "may a key be created at this minute?"."""
-    if expression is None:
-        return None
-    try:
-        trigger = CronTrigger.from_crontab(expression, timezone=UTC)
-    except ValueError as exc:
+    return None if expression is None else RotationWindow(expression, key_path)
+
+
+def window_gap(
+    window: RotationWindow, max_age: timedelta, now: datetime
+) -> tuple[datetime, datetime | None] | None:
+    """The first time in the coming year (``start``, the next opening after it) the window
+    stays shut longer than ``max_age``: a key due then waits for that opening, so it outlives
+    max_age by as much (for ever when the opening is None: '0 0 30 2 *'). Asked from starting
+    points over WINDOW_HORIZON, with the runtime's trigger. None: it opens often enough."""
+    step = max(max_age, WINDOW_HORIZON / WINDOW_SAMPLES)
+    start = now
+    while start < now + WINDOW_HORIZON:
+        opening = window.next_opening(start)
+        if opening is None or opening - start > max_age:
+            return start, opening
+        start += step
+    return None
+
+
+def check_window_opens(window: RotationWindow, now: datetime) -> None:
+    """Refuse a window that never opens: keys would outlive max_age for ever. One that opens
+    less often than max_age is a note (config_warnings): a business-hours window over a
+    weekend may be just what the operator wants."""
+    if window.next_opening(now) is None:
         raise errors.ConfigError(
-            key_path, f"invalid cron expression {expression!r}: {exc}"
-        ) from None
-
-    def window_open(now: datetime) -> bool:
-        minute = now.astimezone(UTC).replace(second=0, microsecond=0)
-        fire = trigger.get_next_fire_time(None, minute)
-        return fire is not None and fire <= minute
-
-    return window_open
+            window.key_path,
+            f"rotation_window '{window.expression}' never opens: no date matches it (such as "
+            "30 February), so keys would outlive max_age for ever; fix the day and month "
+            "fields, for example '* 8-17 * * mon-fri', or remove the key",
+        )
 
 
-def target_specs(settings: config.Settings) -> list[engine.TargetSpec]:
-    """The engine's view of every configured target (also validates the cron windows)."""
+def target_specs(settings: config.Settings, now: datetime | None = None) -> list[engine.TargetSpec]:
+    """The engine's view of every configured target (also compiles the cron windows, and
+    refuses one that never opens after ``now``, by default the current time)."""
+    now = datetime.now(UTC) if now is None else now
+    checked: set[str] = set()
     specs = []
     for index, target in enumerate(settings.targets):
         timing = target.timing
+        window = rotation_window(
+            timing.rotation_window,
+            f"targets[{index}].rotation_window"
+            if "rotation_window" in target.overrides
+            else "defaults.rotation_window",
+        )
+        if window is not None and window.expression not in checked:
+            check_window_opens(window, now)
+            checked.add(window.expression)
         desired = None
         if target.group is not None:
             desired = identity.Desired(
@@ -124,12 +199,7 @@ def target_specs(settings: config.Settings) -> list[engine.TargetSpec]:
                 ),
                 desired=desired,
                 identity_check_interval=timing.identity_check_interval,
-                window_open=rotation_window(
-                    timing.rotation_window,
-                    f"targets[{index}].rotation_window"
-                    if "rotation_window" in target.overrides
-                    else "defaults.rotation_window",
-                ),
+                window_open=window,
             )
         )
     return specs
@@ -223,22 +293,81 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
-def config_warnings(specs: Iterable[engine.TargetSpec]) -> list[str]:
+def config_warnings(specs: Iterable[engine.TargetSpec], now: datetime | None = None) -> list[str]:
     """Settings that load but will likely not do what the operator wants (one line each)."""
+    now = datetime.now(UTC) if now is None else now
     single: dict[timedelta, list[str]] = {}
+    short: dict[tuple[str, int, timedelta], list[str]] = {}
+    measured: dict[tuple[str, timedelta], int] = {}
+    rare: dict[tuple[str, timedelta], list[str]] = {}
+    gaps: dict[tuple[str, timedelta], tuple[datetime, datetime | None] | None] = {}
     for spec in specs:
         if rotation.verify_attempts(spec.policy) < 2:
             single.setdefault(spec.policy.verify_timeout, []).append(spec.name)
+        window = spec.window_open
+        if isinstance(window, RotationWindow):
+            interval = spec.policy.check_interval
+            if (window.expression, interval) not in measured:
+                measured[window.expression, interval] = _shortest_opening(window, interval, now)
+            minutes = measured[window.expression, interval]
+            if timedelta(minutes=minutes) < interval:
+                short.setdefault((window.expression, minutes, interval), []).append(spec.name)
+            max_age = spec.policy.max_age
+            if (window.expression, max_age) not in gaps:
+                gaps[window.expression, max_age] = window_gap(window, max_age, now)
+            if gaps[window.expression, max_age] is not None:
+                rare.setdefault((window.expression, max_age), []).append(spec.name)
     notes = []
     for timeout, names in single.items():
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = _names(names)
         notes.append(
             f"verify_timeout {config.format_duration(timeout)} (target {shown}) leaves one "
             f"verification attempt: the first retry comes "
             f"{config.format_duration(rotation.VERIFY_FIRST_DELAY)} after it, so a new key IAM "
             "has not propagated yet is given up at once; use at least that (default 2m)"
         )
+    for (expression, minutes, interval), names in short.items():
+        notes.append(
+            f"rotation_window '{expression}' (target {_names(names)}) opens for {minutes}m at a "
+            f"time, less than check_interval {config.format_duration(interval)}: a key is made "
+            "only by a pass inside an open minute, so passes may miss it and keys outlive "
+            "max_age by days; open it for a range of minutes at least check_interval long "
+            "(such as '0-9 3 * * *' for 03:00-03:09 rather than '0 3 * * *'), or shorten "
+            "check_interval"
+        )
+    for (expression, max_age), names in rare.items():
+        gap = gaps[expression, max_age]
+        if gap is None or gap[1] is None:  # one that never opens was refused
+            continue
+        start, opening = gap
+        notes.append(
+            f"rotation_window '{expression}' (target {_names(names)}) does not open between "
+            f"{start:%Y-%m-%d %H:%M} and {opening:%Y-%m-%d %H:%M} UTC, longer than max_age "
+            f"{config.format_duration(max_age)}: a key due in between outlives max_age until "
+            "then; if that is not meant, use a window that opens at least once every max_age "
+            "or lengthen max_age"
+        )
     return notes
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _shortest_opening(window: RotationWindow, interval: timedelta, now: datetime) -> int:
+    """The shortest of the window's next few openings in minutes, counted up to
+    ``interval`` (a longer one is long enough)."""
+    limit = max(1, math.ceil(interval / timedelta(minutes=1)))
+    shortest = limit
+    start = now
+    for _ in range(WINDOW_OPENINGS_MEASURED):
+        opening = window.next_opening(start)
+        if opening is None:
+            break
+        minutes = window.open_minutes(opening, limit)
+        shortest = min(shortest, minutes)
+        start = opening + timedelta(minutes=minutes + 1)
+    return shortest
 
 
 def moved_storage(old: config.Settings, new: config.Settings) -> list[str]:
