@@ -1270,7 +1270,7 @@ class Engine:
                 f"user {spec.user} has no access key {key_id}: see `rotator status` for its keys",
                 code="NoSuchEntity",
             )
-        if key_id in state.created_ids or key_id in state.tracked_ids():
+        if _tracked_in(state, key_id):
             return f"{key_id} is already managed by rotator for target {spec.name}"
         owner = self._tracked_elsewhere(spec, key_id, others)
         if owner is not None:
