@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -639,6 +639,18 @@ class Engine:
             self._move_published(p, moved_from)
         decision = self._decide(p, force=force)
         p.decision = decision
+        untracked = _untracked_published(p.state, p.published, p.keys)
+        if untracked is not None and any(
+            a.kind in (rotation.ActionKind.CREATE_KEY, rotation.ActionKind.BLOCKED)
+            for a in decision.actions
+        ):
+            log.warning(
+                "published_key_untracked",
+                target=p.spec.name,
+                key_id=untracked,
+                secret_path=p.spec.secret_path,
+                note=_untracked_note(p.spec, untracked),
+            )
         if self._dry_run:
             p.actions.extend(a.describe() for a in decision.actions)
             if decision.blocked:
@@ -1225,6 +1237,9 @@ class Engine:
             keys, state, published, spec.policy, now, window_open=spec.window_open
         )
         by_id = {k.key_id: k for k in keys}
+        untracked = _untracked_published(state, published, by_id)
+        if problem is None and untracked is not None:
+            problem = _untracked_note(spec, untracked)
         retiring: list[tuple[str, str, datetime | None]] = []
         for r in state.retiring:
             key = by_id.get(r.key_id)
@@ -1300,6 +1315,31 @@ class Engine:
             if name != spec.name and _tracked_in(old.state, key_id):
                 return name
         return None
+
+
+def _untracked_published(
+    state: model.TargetState, published: model.Published, keys: Mapping[str, model.AccessKey]
+) -> str | None:
+    """The key the published secret holds when the target has no current key and its state
+    does not track that key, though IAM lists it for the user: a first run over a secret
+    written by hand, or a state rotator no longer finds (vault.mount or vault.state_path
+    changed, the state deleted)."""
+    key_id = published.access_key_id
+    if state.current is not None or key_id is None or key_id not in keys:
+        return None
+    return None if _tracked_in(state, key_id) else key_id
+
+
+def _untracked_note(spec: TargetSpec, key_id: str) -> str:
+    return (
+        f"the secret at {spec.secret_path} holds {key_id}, a live key of user {spec.user} that "
+        f"the state of {spec.name} does not track: a key published by hand, or a state rotator "
+        "no longer finds (vault.mount or vault.state_path changed, or the state deleted). "
+        f"rotator leaves {key_id} Active, as foreign, and publishes a key of its own over it "
+        "once a key slot is free. A setting changed by mistake: put it back (docs/runbook.md, "
+        f"RotatorForeignKeys); a key published by hand: `rotator adopt {spec.name} {key_id}` "
+        "retires it once consumers have the new key"
+    )
 
 
 def _tracked_in(state: model.TargetState, key_id: str) -> bool:

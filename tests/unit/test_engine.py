@@ -255,10 +255,8 @@ def test_adopt_refuses_a_key_another_targets_state_tracks() -> None:
     assert w.vault.read_state("monitor2").version == 0  # nothing written
 
 
-def adopted_published_hand_key() -> tuple[World, str]:
-    """A migration: consumers read a hand-made key K from Vault and the operator adopts it; then
-    longer than grace passes, so K's own retire_at is past (K is protected while published)."""
-    w = World()
+def published_hand_key(w: World) -> str:
+    """A key made by hand and written to the target's secret, with no state for the target."""
     w.iam.users["watcher_1"] = []
     hand = w.iam.add_foreign_key("watcher_1")
     found = w.iam._find("watcher_1", hand)
@@ -267,8 +265,85 @@ def adopted_published_hand_key() -> tuple[World, str]:
         model.NewKey(hand, model.Secret(found.secret), found.created),
         w.vault.read_published(PATH),
     )
+    return hand
+
+
+def test_a_first_pass_over_a_published_key_it_does_not_track_says_so_and_keeps_the_key() -> None:
+    # also what a restart sees after vault.state_path or vault.mount changed: no state here
+    w = World()
+    hand = published_hand_key(w)
+    before = w.engine.status(SPEC)
+
+    with structlog.testing.capture_logs() as logs:
+        report = w.run()
+
+    assert before.last_error is not None and f"holds {hand}" in before.last_error
+    assert (
+        "vault.state_path" in before.last_error and f"adopt monitoring {hand}" in before.last_error
+    )
+    warned = [e for e in logs if e["event"] == "published_key_untracked"]
+    assert [e["key_id"] for e in warned] == [hand]
+    assert "vault.state_path changed" in warned[0]["note"]
+    assert report.rotated and w.vault.published_id(PATH) != hand
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.ACTIVE
+    assert report.foreign_keys == 1
+    assert w.engine.status(SPEC).last_error is None  # said once: the target tracks its key now
+
+
+def test_a_state_path_changed_then_put_back_recovers_by_adopting_the_key_published_meanwhile() -> (
+    None
+):
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    w.run()
+    for _ in range(2):
+        w.clock.advance(minutes=3)
+        w.run()
+    assert len(w.iam.keys_of("watcher_1")) == 1  # the previous key retired and deleted
+    old_key = w.vault.published_id(PATH)
+    old = w.vault.states.pop(SPEC.name)  # a restart with another vault.state_path
+    w.restart()
+    assert w.run().rotated  # warned (above), a key of the new state's own published
+    meanwhile = w.vault.published_id(PATH)
+    assert meanwhile is not None and w.published_works()
+    moved = w.vault.states.pop(SPEC.name)
+    w.vault.states[SPEC.name] = dataclasses.replace(old, version=moved.version)  # put back
+    w.restart()
+    assert w.run().foreign_keys == 1
+    w.clock.advance(minutes=10)
+    blocked = w.run()  # the old state's key is due, but the one published meanwhile holds a slot
+    assert blocked.blocked_reason is not None and f"foreign {meanwhile}" in blocked.blocked_reason
+
+    w.engine.adopt(SPEC, meanwhile)  # what the runbook says for this case
+    w.iam._find("watcher_1", meanwhile).foreign = False
+    for _ in range(6):
+        report = w.run()
+        assert report.ok or report.blocked_reason is not None, report.error
+        assert w.published_works()
+        w.clock.advance(minutes=4)
+
+    left = [k.key_id for k in w.iam.keys_of("watcher_1")]
+    assert old_key not in left  # the old state's key retired through grace, Inactive, deletion
+    assert report.foreign_keys == 0
+
+
+def test_a_target_with_a_state_is_not_warned_of_an_untracked_published_key() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    with structlog.testing.capture_logs() as logs:
+        assert w.run().rotated
+    assert not [e for e in logs if e["event"] == "published_key_untracked"]
+
+
+def adopted_published_hand_key() -> tuple[World, str]:
+    """A migration: consumers read a hand-made key K from Vault and the operator adopts it; then
+    longer than grace passes, so K's own retire_at is past (K is protected while published)."""
+    w = World()
+    hand = published_hand_key(w)
     w.engine.adopt(SPEC, hand)
-    found.foreign = False  # the operator handed it over
+    w.iam._find("watcher_1", hand).foreign = False  # the operator handed it over
     w.clock.advance(minutes=3)
     return w, hand
 
