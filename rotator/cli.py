@@ -324,12 +324,33 @@ def _status(runtime: daemon.Runtime, *, as_json: bool) -> int:
             continue
         failed = failed or view.blocked is not None or view.last_error is not None
         rows.append(_status_row(view, now))
+    _name_foreign_owners(runtime, rows)
     rows.extend(_unconfigured_rows(runtime))  # said, but not a failure: a removal is deliberate
     if as_json:
         _out(json.dumps(rows, indent=2))
     else:
         _out(_table(rows))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _name_foreign_owners(runtime: daemon.Runtime, rows: list[dict[str, Any]]) -> None:
+    """A key foreign to its target that another target's state tracks (a name reused after a
+    rename) is that target's: the row names it, in ``foreign_tracked_by``. The states are
+    read once, and only when some row has foreign keys."""
+    if not any(row.get("foreign_keys") for row in rows):
+        return
+    try:
+        owners = runtime.engine.tracked_by(runtime.specs.values())
+    except errors.RotatorError:
+        return  # Vault away: the rows say so
+    for row in rows:
+        tracked = {
+            key_id: owners[key_id]
+            for key_id in row.get("foreign_keys", ())
+            if owners.get(key_id, row["target"]) != row["target"]
+        }
+        if tracked:
+            row["foreign_tracked_by"] = tracked
 
 
 def _unconfigured_rows(runtime: daemon.Runtime) -> list[dict[str, Any]]:
@@ -391,6 +412,11 @@ def _retiring_cell(retiring: dict[str, Any], now: datetime) -> str:
     return f"{retiring['key_id']} ({phase}, {step} {when})"
 
 
+def _foreign_cell(row: dict[str, Any], key_id: str) -> str:
+    owner = row.get("foreign_tracked_by", {}).get(key_id)
+    return key_id if owner is None else f"{key_id} (tracked by target {owner})"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     header = (
         "TARGET",
@@ -421,7 +447,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 else ("-" if due is None else f"in {_age(model.parse_time(due) - now)}"),
                 retiring or "-",
                 row["pending_key_id"] or "-",
-                ", ".join(row["foreign_keys"]) or "-",
+                ", ".join(_foreign_cell(row, key_id) for key_id in row["foreign_keys"]) or "-",
                 row["blocked"] or row["last_error"] or "-",
             )
         )

@@ -1306,15 +1306,26 @@ class Engine:
         self, spec: TargetSpec, key_id: str, others: Iterable[TargetSpec]
     ) -> str | None:
         """The other target whose state tracks ``key_id``, if one does."""
-        for other in others:
-            if other.name != spec.name and _tracked_in(
-                self._store.read_state(other.name).state, key_id
-            ):
-                return other.name
-        for name, old in self.unconfigured().items():
-            if name != spec.name and _tracked_in(old.state, key_id):
+        for name, state in self._states(others):
+            if name != spec.name and _tracked_in(state, key_id):
                 return name
         return None
+
+    def tracked_by(self, specs: Iterable[TargetSpec]) -> dict[str, str]:
+        """The target whose state tracks each key (its own or one it created), over the
+        configured targets ``specs`` and the states the config no longer names. A key that
+        one target counts as foreign may be another's (a name reused after a rename)."""
+        owners: dict[str, str] = {}
+        for name, state in self._states(specs):
+            for key_id in state.tracked_ids() | set(state.created_ids):
+                owners.setdefault(key_id, name)
+        return owners
+
+    def _states(self, specs: Iterable[TargetSpec]) -> Iterator[tuple[str, model.TargetState]]:
+        for spec in specs:
+            yield spec.name, self._store.read_state(spec.name).state
+        for name, old in self.unconfigured().items():
+            yield name, old.state
 
 
 def _untracked_published(

@@ -289,3 +289,27 @@ def test_the_status_table_says_when_a_retiring_key_moves_on_relative_to_now(
     now = model.parse_time("2026-12-04T10:00:00Z")
 
     assert cli._retiring_cell({"key_id": "AKIAOLD", "phase": phase, "until": until}, now) == cell
+
+
+def test_the_status_table_names_the_target_whose_state_tracks_a_foreign_key() -> None:
+    class Engine:
+        calls = 0
+
+        def tracked_by(self, specs: Any) -> dict[str, str]:
+            Engine.calls += 1
+            return {"AKIAR1": "r1", "AKIAMINE": "r2"}
+
+    runtime: Any = type("Runtime", (), {"engine": Engine(), "specs": {}})()
+    rows: list[dict[str, Any]] = [
+        {"target": "r2", "foreign_keys": ["AKIAR1", "AKIAHAND", "AKIAMINE"]},
+        {"target": "r3", "foreign_keys": []},
+    ]
+
+    cli._name_foreign_owners(runtime, rows)
+
+    assert rows[0]["foreign_tracked_by"] == {"AKIAR1": "r1"}  # its own state's key is no owner
+    assert "foreign_tracked_by" not in rows[1]
+    cells = [cli._foreign_cell(rows[0], k) for k in rows[0]["foreign_keys"]]
+    assert cells == ["AKIAR1 (tracked by target r1)", "AKIAHAND", "AKIAMINE"]
+    cli._name_foreign_owners(runtime, [{"target": "r3", "foreign_keys": []}])
+    assert Engine.calls == 1  # no state is read when no row has a foreign key

@@ -337,6 +337,18 @@ def test_a_target_with_a_state_is_not_warned_of_an_untracked_published_key() -> 
     assert not [e for e in logs if e["event"] == "published_key_untracked"]
 
 
+def test_tracked_by_names_the_state_that_tracks_each_key_across_targets() -> None:
+    w = World()
+    w.run()
+    key = w.vault.published_id(PATH)
+    assert key is not None
+    reused = dataclasses.replace(SPEC, name="monitor2", secret_path="m2/w1")
+
+    owners = w.engine.tracked_by([reused, SPEC])
+
+    assert owners == {key: "monitoring"}
+
+
 def adopted_published_hand_key() -> tuple[World, str]:
     """A migration: consumers read a hand-made key K from Vault and the operator adopts it; then
     longer than grace passes, so K's own retire_at is past (K is protected while published)."""
