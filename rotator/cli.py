@@ -383,7 +383,7 @@ def _status_row(view: engine.StatusView, now: datetime) -> dict[str, Any]:
         "due_now": view.due_reason,
         "pending_key_id": view.pending_key_id,
         "retiring": [
-            {"key_id": key_id, "phase": phase, "until": _time(until)}
+            {"key_id": key_id, "phase": phase.value, "until": _time(until)}
             for key_id, phase, until in view.retiring
         ],
         "foreign_keys": list(view.foreign),
@@ -398,16 +398,13 @@ def _status_row(view: engine.StatusView, now: datetime) -> dict[str, Any]:
     }
 
 
-_NEXT_STEP = {"grace (Active)": "Inactive", "Inactive": "deleted"}
-
-
 def _retiring_cell(retiring: dict[str, Any], now: datetime) -> str:
     """``AKIA... (grace (Active), Inactive in 8s)``: the exact times are in --json."""
     phase, until = retiring["phase"], retiring["until"]
     if until is None:
         return f"{retiring['key_id']} ({phase})"
     left = model.parse_time(until) - now
-    step = _NEXT_STEP.get(phase, "next step")
+    step = engine.RetiringPhase(phase).next_step or "next step"
     when = f"in {_age(left)}" if left > timedelta(0) else "at the next pass"
     return f"{retiring['key_id']} ({phase}, {step} {when})"
 

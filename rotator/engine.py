@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import os
 import socket
 import threading
@@ -51,6 +52,19 @@ class TargetSpec:
     window_open: Callable[[datetime], bool] | None = None
 
 
+class RetiringPhase(enum.Enum):
+    """Where a retiring key is, as `rotator status` says it."""
+
+    GRACE = "grace (Active)"
+    INACTIVE = "Inactive"
+    GONE = "gone"  # IAM no longer lists it
+
+    @property
+    def next_step(self) -> str | None:
+        """What the key becomes at the end of this phase."""
+        return {RetiringPhase.GRACE: "Inactive", RetiringPhase.INACTIVE: "deleted"}.get(self)
+
+
 @dataclass(frozen=True)
 class StatusView:
     """What `rotator status` shows for one target."""
@@ -64,7 +78,7 @@ class StatusView:
     next_due: datetime | None
     due_reason: str | None
     pending_key_id: str | None
-    retiring: tuple[tuple[str, str, datetime | None], ...]  # key id, phase, when it moves on
+    retiring: tuple[tuple[str, RetiringPhase, datetime | None], ...]  # key, phase, moves on at
     foreign: tuple[str, ...]
     keys: tuple[model.AccessKey, ...]
     blocked: str | None
@@ -461,14 +475,11 @@ class Engine:
         keys = ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"
         return (
             f"its keys ({keys}) were made in IAM account {recorded}, and rotator's EIM "
-            f"credentials now act in account {account} at {self._iam_endpoint()}: nothing "
+            f"credentials now act in account {account} at {self._iam.endpoint}: nothing "
             f"was changed there. Put eim.endpoint, eim.region and eim.credentials_file "
             f"back; to move the target to account {account} for good, retire its keys in "
             f"{recorded} by hand, then delete its state in Vault to start over"
         )
-
-    def _iam_endpoint(self) -> str:
-        return str(getattr(self._iam, "endpoint", "the configured endpoint"))
 
     @contextlib.contextmanager
     def _leased(self, spec: TargetSpec, wait: float) -> Iterator[_Lease]:
@@ -1240,17 +1251,19 @@ class Engine:
         untracked = _untracked_published(state, published, by_id)
         if problem is None and untracked is not None:
             problem = _untracked_note(spec, untracked)
-        retiring: list[tuple[str, str, datetime | None]] = []
+        retiring: list[tuple[str, RetiringPhase, datetime | None]] = []
         for r in state.retiring:
             key = by_id.get(r.key_id)
             if key is None:
-                retiring.append((r.key_id, "gone", None))
+                retiring.append((r.key_id, RetiringPhase.GONE, None))
             elif key.status is model.KeyStatus.ACTIVE:
                 retiring.append(
-                    (r.key_id, "grace (Active)", rotation.retire_deadline(r, spec.policy))
+                    (r.key_id, RetiringPhase.GRACE, rotation.retire_deadline(r, spec.policy))
                 )
             else:
-                retiring.append((r.key_id, "Inactive", rotation.delete_deadline(r, spec.policy)))
+                retiring.append(
+                    (r.key_id, RetiringPhase.INACTIVE, rotation.delete_deadline(r, spec.policy))
+                )
         return StatusView(
             target=spec.name,
             user=spec.user,

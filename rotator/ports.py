@@ -27,6 +27,11 @@ class Clock(Protocol):
 class Identity(Protocol):
     """EIM / IAM: the identities a target needs and the user's access keys."""
 
+    @property
+    def endpoint(self) -> str:
+        """Where the calls go, as error messages name it."""
+        ...
+
     # observation
     def account(self) -> str | None:
         """The account rotator's own credentials act in (None: IAM does not say)."""

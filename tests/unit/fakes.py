@@ -77,6 +77,7 @@ class CrashPlan:
 
 class FakeIAM:
     _ids = itertools.count(1)
+    endpoint = "http://iam.fake"
 
     def __init__(self, clock: FakeClock, *, max_keys: int = 2, quota: int = 2) -> None:
         self.clock = clock
