@@ -139,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run" and not args.once and not args.dry_run:
             return daemon.Daemon(path, settings).run()
         dry_run = bool(getattr(args, "dry_run", False))
-        runtime = daemon.build_runtime(settings, daemon.SystemClock(), dry_run=dry_run)
+        runtime = daemon.build_runtime(
+            settings, daemon.SystemClock(), dry_run=dry_run, one_shot=True
+        )
         if command == "run":
             code = _passes(runtime, list(runtime.specs), force=False)
             with contextlib.suppress(errors.RotatorError):  # Vault away: the passes said so

@@ -394,8 +394,14 @@ def moved_storage(old: config.Settings, new: config.Settings) -> list[str]:
 
 
 def build_runtime(
-    settings: config.Settings, clock: SystemClock, *, dry_run: bool = False
+    settings: config.Settings,
+    clock: SystemClock,
+    *,
+    dry_run: bool = False,
+    one_shot: bool = False,
 ) -> Runtime:
+    """The engine and its adapters; ``one_shot``: for a command that makes its passes and
+    exits (a transient failure then says to run it again, not that a next pass retries it)."""
     specs = {spec.name: spec for spec in target_specs(settings)}
     for note in config_warnings(specs.values()):
         logger.warning("config_warning", warning=note)
@@ -409,6 +415,7 @@ def build_runtime(
         lock=store,
         lock_ttl=settings.vault.lock_ttl.total_seconds(),
         configured=specs,
+        retry_note=engine.RETRIED_BY_HAND if one_shot else engine.RETRIED_BY_THE_DAEMON,
     )
     return Runtime(settings, specs, worker, store)
 

@@ -119,6 +119,11 @@ class UnconfiguredView:
         )
 
 
+# What a pass's transient failure (throttling, a timeout, Vault away) says becomes of it: in
+# the daemon; a one-shot command (`run --once`, `rotate`) has no next pass of its own.
+RETRIED_BY_THE_DAEMON = "retried on the next pass"
+RETRIED_BY_HAND = "transient: run the command again later"
+
 SHARED_READS_MAX_AGE = timedelta(seconds=60)  # of a group or policy read, for other targets
 # How old the pass's key listing may be when an intent marker is written from it: a key made by
 # hand after the listing and before the marker could otherwise be taken for the marker's orphan.
@@ -293,8 +298,10 @@ class Engine:
         lock_ttl: float = 15.0,
         holder: str | None = None,
         configured: Iterable[str] | None = None,
+        retry_note: str = RETRIED_BY_THE_DAEMON,
     ) -> None:
         self._iam = identity_port
+        self._retry_note = retry_note  # what a pass's transient failure says becomes of it
         self._store = store
         self._clock = clock
         self._dry_run = dry_run
@@ -358,7 +365,7 @@ class Engine:
             error = "pass interrupted by shutdown; the next pass continues from the stored state"
             bound.info("pass_stopped", reason="stop requested")
         except errors.RotatorError as exc:
-            error = str(exc)
+            error = f"{exc}; {self._retry_note}" if exc.transient else str(exc)
             components.append(exc.component)
             if p is not None and p.decision is not None and p.decision.due_reason is not None:
                 p.rotation_failed = True

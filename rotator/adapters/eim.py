@@ -100,7 +100,7 @@ def translate_error(exc: Exception, *, action: str, endpoint: str) -> errors.Eim
         # Connection refused or reset, DNS, TLS, proxy, connect and read timeouts.
         return errors.EimTransientError(
             f"{action}: could not reach EIM at {endpoint} ({type(exc).__name__}): check "
-            "eim.endpoint / eim.region, the network path and the timeouts; retried on a later pass",
+            "eim.endpoint / eim.region, the network path and the timeouts",
             code=type(exc).__name__,
             action=action,
         )
@@ -108,7 +108,7 @@ def translate_error(exc: Exception, *, action: str, endpoint: str) -> errors.Eim
         # An HTML error page from a proxy or a server that is not EIM: usually passing.
         return errors.EimTransientError(
             f"{action}: {endpoint} answered something that is not an EIM/IAM response: check "
-            "eim.endpoint if it persists; retried on a later pass",
+            "eim.endpoint if it persists",
             code="ResponseParserError",
             action=action,
         )
@@ -175,8 +175,7 @@ def _translate_client_error(
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     if code in _TRANSIENT or status >= 500 or status == 429:
         return errors.EimTransientError(
-            f"{action}: EIM at {endpoint} is throttling or failing ({code or status}); "
-            f"retried on a later pass{server}",
+            f"{action}: EIM at {endpoint} is throttling or failing ({code or status}){server}",
             code=code,
             action=action,
         )

@@ -800,13 +800,13 @@ def _translate(
     if isinstance(exc, requests.RequestException):
         return errors.VaultUnavailable(
             f"Vault at {address} is unreachable ({type(exc).__name__}) {what}: check that it "
-            "runs, vault.address, the network and firewalls in between; retried on the next pass"
+            "runs, vault.address, the network and firewalls in between"
         )
     said = _vault_said(exc)
     if isinstance(exc, hvac.exceptions.VaultDown):
         return errors.VaultUnavailable(
             f"Vault at {address} is sealed or unavailable ({said}) {what}: unseal it "
-            "(`bao operator unseal`) or check its health; retried on the next pass"
+            "(`bao operator unseal`) or check its health"
         )
     if isinstance(exc, hvac.exceptions.VaultNotInitialized):
         return errors.VaultUnavailable(
@@ -821,7 +821,7 @@ def _translate(
     ):
         return errors.VaultUnavailable(
             f"Vault at {address} failed {what} ({type(exc).__name__}: {said}): check Vault's "
-            "health and logs; retried on the next pass"
+            "health and logs"
         )
     if isinstance(exc, hvac.exceptions.Unauthorized):
         return errors.VaultDenied(

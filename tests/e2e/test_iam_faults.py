@@ -171,7 +171,7 @@ def test_a_transient_error_on_create_access_key_is_retried_by_the_next_pass_with
     rig.proxy.inject(fault, action="CreateAccessKey", count=1)
     failed = rig.cli(cfg, "run", "--once")
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert "retried on a later pass" in failed.stdout
+    assert "transient: run the command again later" in failed.stdout
     assert keys_of(rig.admin) == {}
     retried = rig.cli(cfg, "run", "--once")
     assert retried.returncode == 0, retried.stdout + retried.stderr

@@ -213,6 +213,26 @@ def test_vault_down_means_no_iam_change() -> None:
     assert w.iam.calls == []
 
 
+@pytest.mark.parametrize(
+    ("note", "said"),
+    [
+        (engine.RETRIED_BY_THE_DAEMON, "; retried on the next pass"),
+        (engine.RETRIED_BY_HAND, "; transient: run the command again later"),
+    ],
+)
+def test_a_transient_failure_says_what_becomes_of_it_and_a_permanent_one_does_not(
+    note: str, said: str
+) -> None:
+    w = World()
+    w.engine = engine.Engine(w.iam, w.vault, w.clock, retry_note=note)
+    w.vault.down = True
+    assert (w.run().error or "").endswith(said)
+    w.vault.down = False
+    w.iam.fail_next.append(errors.EimAccessDenied("ListAccessKeys: denied", code="AccessDenied"))
+    denied = w.run().error or ""
+    assert denied == "ListAccessKeys: denied"  # permanent: retrying it changes nothing
+
+
 def test_foreign_key_is_counted_and_left_alone_and_blocks_when_slots_run_out() -> None:
     w = World()
     w.iam.users["watcher_1"] = []
