@@ -241,6 +241,15 @@ def _check_secret_files(settings: config.Settings) -> list[str]:
                 ),
             )
         )
+    elif vault_auth.method == "kubernetes" and vault_auth.kubernetes is not None:
+        jwt_file = vault_auth.kubernetes.token_file
+        readers.append(
+            (
+                "vault.auth.kubernetes.token_file",
+                jwt_file,
+                lambda: config.read_secret_file(jwt_file, "vault.auth.kubernetes.token_file"),
+            )
+        )
     ca_file = settings.vault.ca_file
     if ca_file is not None:
         readers.append(("vault.ca_file", ca_file, lambda: config.check_ca_file(ca_file)))

@@ -313,3 +313,27 @@ def test_the_status_table_names_the_target_whose_state_tracks_a_foreign_key() ->
     assert cells == ["AKIAR1 (tracked by target r1)", "AKIAHAND", "AKIAMINE"]
     cli._name_foreign_owners(runtime, [{"target": "r3", "foreign_keys": []}])
     assert Engine.calls == 1  # no state is read when no row has a foreign key
+
+
+def test_check_config_reads_the_kubernetes_token_file_as_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    jwt = tmp_path / "sa-token"
+    data["vault"]["auth"] = {
+        "method": "kubernetes",
+        "kubernetes": {"role": "rotator", "token_file": str(jwt)},
+    }
+    path.write_text(yaml.safe_dump(data))
+
+    missing = cli.main(["check-config", "-c", str(path)])
+    _, err = capsys.readouterr()
+    jwt.write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n")
+    found = cli.main(["check-config", "-c", str(path)])
+
+    assert missing == cli.EXIT_USAGE
+    assert err.startswith("rotator: config error: vault.auth.kubernetes.token_file:")
+    assert "--skip-secret-files" in err and err.count("\n") == 1
+    assert found == cli.EXIT_OK
+    assert "eyJ" not in capsys.readouterr().out
