@@ -12,10 +12,12 @@ it fail, the running config is kept and the failure logged and counted.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import os
+import select
 import signal
 import threading
 import time
@@ -479,8 +481,13 @@ class Daemon:
     def __init__(self, config_path: str, settings: config.Settings) -> None:
         self._config_path = config_path
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        # Signals: the handler only sets these flags and writes a byte to the pipe; the main
+        # loop, waiting on the pipe, does the rest. A handler must take no lock: it runs between
+        # two bytecodes of the main thread, which may hold the very lock (an Event's, say),
+        # and a second signal may interrupt the first handler.
+        self._stop_requested = False
         self._reload_requested = False
+        self._wake_r = self._wake_w = -1  # the pipe, made by run()
         # Fixed for the process's life: the pool's size and the listening address.
         self._workers = settings.workers
         self._listen = settings.metrics.listen
@@ -653,8 +660,18 @@ class Daemon:
         if signum == signal.SIGHUP:
             self._reload_requested = True
         else:
-            self._stop.set()
-        self._wake.set()
+            self._stop_requested = True
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: the loop wakes up anyway
+            os.write(self._wake_w, b"!")
+
+    def _wait_for_signal(self, timeout: float) -> None:
+        """Sleep until a signal's byte arrives or ``timeout`` passes, then drain the pipe."""
+        readable, _, _ = select.select([self._wake_r], [], [], timeout)
+        if readable:
+            os.read(self._wake_r, 4096)
 
     def run(self) -> int:
         settings = self._runtime.settings
@@ -672,6 +689,8 @@ class Daemon:
                 f"cannot listen on {settings.metrics.listen}: {exc.strerror or exc}; "
                 "choose a free address and port",
             ) from None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         previous = {
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -679,7 +698,6 @@ class Daemon:
         # A SIGHUP while the process started (see rotator.entry.EarlyHangup) is a reload to do.
         if getattr(previous[signal.SIGHUP], "seen", False):
             self._reload_requested = True
-            self._wake.set()
         # Passes may take minutes (a key still propagating): the heartbeat and the Vault probe
         # get their own threads so that long passes never starve /healthz or the watchdog.
         self._scheduler = BackgroundScheduler(
@@ -719,13 +737,14 @@ class Daemon:
             pid=os.getpid(),
         )
         try:
-            while not self._stop.is_set():
-                self._wake.wait(HEARTBEAT_SECONDS)
-                self._wake.clear()
-                if self._reload_requested and not self._stop.is_set():
+            while not self._stop_requested:
+                if self._reload_requested:
                     self._reload_requested = False
                     self._reload()
+                    continue  # a stop signalled during the reload goes first
+                self._wait_for_signal(HEARTBEAT_SECONDS)
         finally:
+            self._stop.set()  # the passes' waits end at their next step
             logger.info("daemon_stopping", reason="signal")
             self._notifier.stopping("finishing the steps in flight")
             self._scheduler.shutdown(wait=True)  # each job ends at its next step boundary
@@ -734,5 +753,7 @@ class Daemon:
                 signal.signal(sig, handler)
             self._runtime.store.close()
             self._notifier.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
             logger.info("daemon_stopped")
         return 0

@@ -304,6 +304,30 @@ def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_runs_not_its_end(
 
 
 @pytest.mark.timeout(120)
+def test_a_burst_of_hup_int_and_term_stops_the_daemon_every_time(
+    tmp_path: Path,
+    iam_admin: servers.MotoAdmin,
+    vault: Any,
+    daemon_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    # Ctrl-C on `make demo` sends SIGINT from the terminal and SIGTERM from demo.py at once: a
+    # handler interrupted by the next signal once deadlocked the daemon for good.
+    cfg = write_config(tmp_path, iam_admin, vault, servers.free_port(), max_age="1h")
+    err = tmp_path / "stderr.log"
+    process = run_until_first_key(cfg, daemon_env, started, err, vault)
+    for _ in range(3):  # the running daemon takes these as reloads
+        for sig in (signal.SIGHUP, signal.SIGHUP, signal.SIGHUP):
+            process.send_signal(sig)
+    wait_for(lambda: logged(err, "config_reloaded"), 30, "a reload", process)
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        process.send_signal(sig)
+
+    assert process.wait(timeout=30) == 0
+    assert [e["event"] for e in logged(err, "daemon_stopped")] == ["daemon_stopped"]
+
+
+@pytest.mark.timeout(120)
 def test_a_reload_moving_the_secret_path_publishes_the_current_key_there_and_makes_none(
     tmp_path: Path,
     iam_admin: servers.MotoAdmin,

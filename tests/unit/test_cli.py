@@ -6,6 +6,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import select
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -337,3 +342,41 @@ def test_check_config_reads_the_kubernetes_token_file_as_run_would(
     assert "--skip-secret-files" in err and err.count("\n") == 1
     assert found == cli.EXIT_OK
     assert "eyJ" not in capsys.readouterr().out
+
+
+def test_the_signal_handler_takes_no_lock_and_the_loop_sees_the_signals(tmp_path: Path) -> None:
+    # The handler runs between two bytecodes of the main thread, which may hold a lock (an
+    # Event's), and a second signal may interrupt the handler itself: any lock it took could
+    # deadlock the daemon for good (Ctrl-C on `make demo` sends SIGINT and SIGTERM at once).
+    path = write_config(tmp_path)
+    running = daemon.Daemon(str(path), config.load(path))
+    running._wake_r, running._wake_w = os.pipe()
+    taken: list[str] = []
+
+    locks = (type(threading.Lock()), type(threading.RLock()))
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), locks):
+            taken.append(f"lock.{arg.__name__}")
+        elif event == "call" and frame.f_code.co_filename == threading.__file__:
+            taken.append(f"threading.{frame.f_code.co_qualname}")
+
+    sys.setprofile(watch)
+    try:
+        running._on_signal(signal.SIGHUP, None)
+        running._on_signal(signal.SIGTERM, None)
+        running._on_signal(signal.SIGINT, None)
+    finally:
+        sys.setprofile(None)
+
+    try:
+        assert taken == []
+        assert running._reload_requested and running._stop_requested
+        assert not running._stop.is_set()  # the loop sets it, outside the handler
+        running._wait_for_signal(5)  # returns at once: the bytes are there
+        readable, _, _ = select.select([running._wake_r], [], [], 0)
+        assert readable == []  # drained
+    finally:
+        os.close(running._wake_r)
+        os.close(running._wake_w)
+        running._runtime.store.close()
