@@ -404,7 +404,7 @@ class Metrics:
                 series.rotations[ROTATION_RESULTS.index("failure")] += 1
             if report.last_rotation_at is not None:
                 series.last_rotation = report.last_rotation_at.timestamp()
-            if report.ok:
+            if report.error is None:  # a blocked pass too: RotatorTargetBlocked tells of it
                 series.last_pass_success = now.timestamp()
             # A missing value (the pass ended before it could observe) keeps the previous one:
             # dropping the key age exactly when passes fail would hide the "key too old" alert.

@@ -443,8 +443,34 @@ def _blocked_reason(
             "hand to free its slot; the retiring keys stay Active meanwhile"
         )
     else:
-        hint = "wait for the retiring key to be deleted, or shorten grace/inactive_period"
+        hint = _slot_frees(state, policy, by_id)
     return f"no free key slot ({'; '.join(parts)}): {hint}"
+
+
+def _slot_frees(
+    state: model.TargetState, policy: Policy, by_id: dict[str, model.AccessKey]
+) -> str:
+    """When the first retiring key is due to be deleted, and what to do to rotate sooner."""
+    deletions = []
+    for r in state.retiring:
+        key = by_id.get(r.key_id)
+        if key is None:
+            continue
+        if key.status is model.KeyStatus.ACTIVE:
+            deletions.append((retire_deadline(r, policy) + policy.inactive_period, r.key_id))
+        else:
+            deadline = delete_deadline(r, policy)
+            if deadline is not None:
+                deletions.append((deadline, r.key_id))
+    when = ""
+    if deletions:
+        at, key_id = min(deletions)
+        when = f"{key_id} is due to be deleted at {model.format_time(at)}, freeing a slot; "
+    return (
+        f"{when}to rotate sooner, delete a retiring key by hand once nobody uses it (rotator "
+        "forgets a retiring key IAM no longer lists; a shorter grace or inactive_period never "
+        "cuts a deadline already set)"
+    )
 
 
 def next_due(state: model.TargetState, policy: Policy) -> datetime | None:

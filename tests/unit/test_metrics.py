@@ -214,8 +214,10 @@ def test_blocked_pass_sets_blocked_and_a_later_pass_clears_it(
 ) -> None:
     m.record_pass(report(ok=False, blocked=True, blocked_reason="no free key slot"), NOW)
     assert value(registry, "rotator_blocked", target="monitoring") == 1.0
+    # it ended without error: RotatorTargetBlocked tells of it, not RotatorNoSuccessfulPass
     assert (
-        value(registry, "rotator_last_pass_success_timestamp_seconds", target="monitoring") is None
+        value(registry, "rotator_last_pass_success_timestamp_seconds", target="monitoring")
+        == NOW.timestamp()
     )
 
     m.record_pass(report(), NOW + timedelta(minutes=5))

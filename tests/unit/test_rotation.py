@@ -74,6 +74,24 @@ def test_no_free_slot_is_blocked_and_names_the_foreign_key() -> None:
     assert d.foreign == ("HAND",)
 
 
+def test_blocked_by_a_retiring_key_says_when_it_is_deleted_and_how_to_rotate_sooner() -> None:
+    # a rollback made the old key current again: it is past max_age, the newer key retires
+    state = model.TargetState(
+        current=current("K1", timedelta(days=31)),
+        retiring=(model.RetiringKey("K2", T0 + timedelta(days=1), since=T0),),
+        created_ids=("K1", "K2"),
+    )
+    keys = [key("K1", age=timedelta(days=31)), key("K2", age=timedelta(hours=1))]
+
+    d = rotation.decide(keys, state, published("K1"), POLICY, T0)
+
+    assert kinds(d) == [ActionKind.BLOCKED]
+    assert d.blocked is not None
+    assert "K2 is due to be deleted at 2026-01-05T00:00:00Z" in d.blocked  # grace, then Inactive
+    assert "delete a retiring key by hand once nobody uses it" in d.blocked
+    assert "shorten" not in d.blocked  # a shorter grace would not cut K2's deadline
+
+
 def test_deleting_an_expired_retiring_key_frees_the_slot_in_the_same_pass() -> None:
     state = model.TargetState(
         current=current("K2", timedelta(days=30)),
