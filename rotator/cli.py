@@ -257,7 +257,11 @@ def _check_secret_files(settings: config.Settings) -> list[str]:
         if str(value or "").startswith("credential:") and not os.environ.get(
             "CREDENTIALS_DIRECTORY"
         ):
-            notes.append(f"{key} ({value}) is read only under systemd (LoadCredential=)")
+            notes.append(
+                f"{key} ({value}) is read only under systemd (LoadCredential=), so not checked "
+                "here: to check it on the host, run this command as root with "
+                "CREDENTIALS_DIRECTORY=/etc/rotator/secrets (where deploy/README.md puts them)"
+            )
             continue
         try:
             read()

@@ -448,8 +448,9 @@ def _check_url(value: str) -> str:
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
-            f"invalid URL '{value}': use http://host:port or https://host[:port], "
-            "for example https://vault.example:8200"
+            f"invalid URL '{value}': use http://host:port or https://host[:port], such as "
+            "https://eim.eu-west-2.outscale.com for eim.endpoint or https://vault.example:8200 "
+            "for vault.address"
         )
     try:
         port = parts.port

@@ -56,6 +56,10 @@ def demo_config(demo: Path, ports: tuple[int, int, int]) -> Path:
         return CONFIG
     iam, vault, metrics = ports
     text = CONFIG.read_text()
+    header = f"# A copy of {CONFIG} by scripts/demo.py, for ports {iam}, {vault}, {metrics}.\n"
+    text = header + text.replace("127.0.0.1:5055 ", f"127.0.0.1:{iam} ").replace(
+        "127.0.0.1:8255.", f"127.0.0.1:{vault}."
+    )
     for old, new in (
         ("http://127.0.0.1:5055", f"http://127.0.0.1:{iam}"),
         ("http://127.0.0.1:8255", f"http://127.0.0.1:{vault}"),
@@ -107,7 +111,8 @@ def main() -> int:
         return 1
     admin = iam.bootstrap_admin()
     write_secret(
-        demo / "eim-credentials",
+        demo / "eim-credentials",  # with a header, as the aws CLI wants (the runbook's drills)
+        "[default]\n"
         f"aws_access_key_id = {admin.access_key_id}\n"
         f"aws_secret_access_key = {admin.secret_access_key}\n",
     )

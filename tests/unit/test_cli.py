@@ -380,3 +380,19 @@ def test_the_signal_handler_takes_no_lock_and_the_loop_sees_the_signals(tmp_path
         os.close(running._wake_r)
         os.close(running._wake_w)
         running._runtime.store.close()
+
+
+def test_check_config_outside_systemd_notes_a_credential_file_and_how_to_check_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["eim"]["credentials_file"] = "credential:eim-credentials"
+    path.write_text(yaml.safe_dump(data))
+
+    code = cli.main(["check-config", "-c", str(path)])
+
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_OK
+    assert "eim.credentials_file (credential:eim-credentials) is read only under systemd" in out
+    assert "CREDENTIALS_DIRECTORY=/etc/rotator/secrets" in out
