@@ -447,9 +447,7 @@ def _blocked_reason(
     return f"no free key slot ({'; '.join(parts)}): {hint}"
 
 
-def _slot_frees(
-    state: model.TargetState, policy: Policy, by_id: dict[str, model.AccessKey]
-) -> str:
+def _slot_frees(state: model.TargetState, policy: Policy, by_id: dict[str, model.AccessKey]) -> str:
     """When the first retiring key is due to be deleted, and what to do to rotate sooner."""
     deletions = []
     for r in state.retiring:
