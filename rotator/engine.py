@@ -58,6 +58,7 @@ class RetiringPhase(enum.Enum):
     GRACE = "grace (Active)"
     INACTIVE = "Inactive"
     GONE = "gone"  # IAM no longer lists it
+    UNKNOWN = "IAM not read"
 
     @property
     def next_step(self) -> str | None:
@@ -1241,14 +1242,16 @@ class Engine:
         except errors.ConfigError as exc:
             problem = str(exc)
             user = stored.state.user or user  # the keys the state tracks, not the new user's
-        if problem is None:
-            problem = self._account_problem(stored.state, self._iam.account())
         try:
+            if problem is None:
+                problem = self._account_problem(stored.state, self._iam.account())
             keys = self._iam.list_keys(user)
         except errors.EimNoSuchEntity:
             keys = []  # with a managed identity the next pass creates the user
             if spec.desired is None:
                 problem = _missing_user(spec)
+        except errors.EimError as exc:  # what Vault holds is still worth showing
+            return self._status_without_iam(spec, stored.state, published, str(exc))
         state = stored.state
         now = self._clock.now()
         decision = rotation.decide(
@@ -1286,6 +1289,33 @@ class Engine:
             keys=tuple(keys),
             blocked=decision.blocked,
             last_error=problem or state.last_error,
+            last_rotation_at=state.last_rotation_at,
+            failures=state.failures,
+        )
+
+    def _status_without_iam(
+        self,
+        spec: TargetSpec,
+        state: model.TargetState,
+        published: model.Published,
+        error: str,
+    ) -> StatusView:
+        """The status from Vault alone, IAM unreadable: the keys as the state records them."""
+        return StatusView(
+            target=spec.name,
+            user=spec.user,
+            secret_path=spec.secret_path,
+            published_key_id=published.access_key_id,
+            current_key_id=state.current.key_id if state.current else None,
+            current_created=state.current.created if state.current else None,
+            next_due=rotation.next_due(state, spec.policy),
+            due_reason=None,
+            pending_key_id=state.pending.key_id if state.pending else None,
+            retiring=tuple((r.key_id, RetiringPhase.UNKNOWN, None) for r in state.retiring),
+            foreign=(),
+            keys=(),
+            blocked=None,
+            last_error=f"IAM not read, keys as rotator's state records them: {error}",
             last_rotation_at=state.last_rotation_at,
             failures=state.failures,
         )

@@ -233,6 +233,24 @@ def test_a_transient_failure_says_what_becomes_of_it_and_a_permanent_one_does_no
     assert denied == "ListAccessKeys: denied"  # permanent: retrying it changes nothing
 
 
+def test_status_with_iam_unreachable_shows_what_vault_holds_and_says_iam_was_not_read() -> None:
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    w.run()  # a current key and a retiring one
+    state = w.state()
+    assert state.current is not None and len(state.retiring) == 1
+    w.iam.fail_next.append(errors.EimTransientError("ListAccessKeys: could not reach EIM"))
+
+    view = w.engine.status(SPEC)
+
+    assert view.published_key_id == state.current.key_id == view.current_key_id
+    assert view.retiring == ((state.retiring[0].key_id, engine.RetiringPhase.UNKNOWN, None),)
+    assert view.last_error is not None and view.last_error.startswith("IAM not read")
+    assert "could not reach EIM" in view.last_error
+    assert view.due_reason is None and view.foreign == ()  # nothing claimed about IAM
+
+
 def test_foreign_key_is_counted_and_left_alone_and_blocks_when_slots_run_out() -> None:
     w = World()
     w.iam.users["watcher_1"] = []
