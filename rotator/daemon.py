@@ -53,6 +53,13 @@ logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRunFilter())
 
 HEARTBEAT_SECONDS = 5.0
 VAULT_PROBE_SECONDS = 15.0  # readiness check and token renewal
+EXIT_STOP_TIMEOUT = 1
+PROBE_STUCK_SECONDS = 2 * VAULT_PROBE_SECONDS  # a check not back by then: unready
+# How long a stop waits for the steps in flight. A call to a server that answers a byte at a
+# time never times out, so the stop cannot wait for ever: the process then ends at once, which
+# the protocol makes as safe as a kill -9 (each step is recorded before the next). Below
+# systemd's TimeoutStopSec (2 min) and the pod's terminationGracePeriodSeconds (120 s).
+STOP_WAIT_SECONDS = 90.0
 HEALTHY_WITHIN_SECONDS = 30.0
 
 
@@ -473,6 +480,7 @@ class _Health:
     heartbeat: float = field(default_factory=time.monotonic)
     vault_ok: bool = False
     vault_reason: str = "Vault not checked yet"
+    probing: dict[int, float] = field(default_factory=dict)  # thread -> when its check began
 
 
 class Daemon:
@@ -513,6 +521,14 @@ class Daemon:
         return self._health.vault_ok, self._health.vault_reason
 
     def _probe_vault(self) -> None:
+        me = threading.get_ident()
+        self._health.probing[me] = time.monotonic()
+        try:
+            self._check_vault()
+        finally:
+            self._health.probing.pop(me, None)
+
+    def _check_vault(self) -> None:
         store = self._runtime.store
         try:
             store.refresh_token(period=VAULT_PROBE_SECONDS)
@@ -539,6 +555,27 @@ class Daemon:
         """The scheduler's heartbeat: /healthz and the systemd watchdog both follow it."""
         self._health.heartbeat = time.monotonic()
         self._notifier.watchdog()
+        self._check_probe_stuck()
+
+    def _check_probe_stuck(self) -> None:
+        """A Vault check that has not come back (a server that accepts and answers a byte at a
+        time defeats every per-read timeout) makes rotator unready, as a failed one does."""
+        started = list(self._health.probing.values())
+        if not started:
+            return
+        waited = time.monotonic() - min(started)
+        if waited < PROBE_STUCK_SECONDS:
+            return
+        reason = (
+            f"the check of Vault has not come back for {waited:.0f}s: Vault, or something on "
+            "the network in between, accepts requests but does not answer them in time; check "
+            "its health and vault.address"
+        )
+        if self._health.vault_ok:
+            logger.warning("vault_not_ready", error=reason)
+            self._metrics.record_error("", "vault")
+        self._health.vault_ok, self._health.vault_reason = False, reason
+        self._metrics.set_ready(False)
 
     # jobs
     def _job(self, name: str) -> None:
@@ -656,6 +693,27 @@ class Daemon:
         logger.info("config_reloaded", targets=len(runtime.specs))
 
     # signals
+    def _shut_down_scheduler(self) -> None:
+        """Let each job end at its next step boundary, for STOP_WAIT_SECONDS at most."""
+        closer = threading.Thread(
+            target=self._scheduler.shutdown, kwargs={"wait": True}, name="stop", daemon=True
+        )
+        closer.start()
+        closer.join(STOP_WAIT_SECONDS)
+        if not closer.is_alive():
+            return
+        stuck = sorted(t.name for t in threading.enumerate() if t.name.startswith("ThreadPool"))
+        logger.error(
+            "daemon_stop_timeout",
+            waited_seconds=STOP_WAIT_SECONDS,
+            threads=stuck,
+            note="a call in flight has not come back (a server that accepts but does not answer "
+            "in time): rotator ends now; the next start resumes from the stored state",
+        )
+        for handler in logging.getLogger().handlers:  # the log lines out before the end
+            handler.flush()
+        os._exit(EXIT_STOP_TIMEOUT)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             self._reload_requested = True
@@ -747,7 +805,7 @@ class Daemon:
             self._stop.set()  # the passes' waits end at their next step
             logger.info("daemon_stopping", reason="signal")
             self._notifier.stopping("finishing the steps in flight")
-            self._scheduler.shutdown(wait=True)  # each job ends at its next step boundary
+            self._shut_down_scheduler()
             self._server.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

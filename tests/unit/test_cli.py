@@ -11,6 +11,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -396,3 +397,47 @@ def test_check_config_outside_systemd_notes_a_credential_file_and_how_to_check_i
     assert code == cli.EXIT_OK
     assert "eim.credentials_file (credential:eim-credentials) is read only under systemd" in out
     assert "CREDENTIALS_DIRECTORY=/etc/rotator/secrets" in out
+
+
+def test_a_vault_check_that_never_comes_back_makes_rotator_unready(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    running = daemon.Daemon(str(path), config.load(path))
+    running._health.vault_ok, running._health.vault_reason = True, "ok"
+    running._health.probing[1] = time.monotonic() - daemon.PROBE_STUCK_SECONDS + 5
+
+    running._check_probe_stuck()
+    still = running._ready()
+    running._health.probing[1] = time.monotonic() - daemon.PROBE_STUCK_SECONDS - 1
+    running._check_probe_stuck()
+    ready, reason = running._ready()
+
+    assert still == (True, "ok")  # not yet: a slow answer is not a hang
+    assert not ready and "has not come back" in reason and "vault.address" in reason
+    assert running._metrics.registry.get_sample_value("rotator_ready") == 0.0
+    running._runtime.store.close()
+
+
+def test_a_stop_whose_steps_never_end_ends_the_process_after_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path)
+    running = daemon.Daemon(str(path), config.load(path))
+    hung = threading.Event()
+
+    class Scheduler:
+        def shutdown(self, wait: bool) -> None:
+            hung.wait(30)  # a job stuck in a call that never comes back
+
+    exits: list[int] = []
+    running._scheduler = Scheduler()
+    monkeypatch.setattr(daemon, "STOP_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(daemon.os, "_exit", exits.append)
+    stream = io.StringIO()
+    log.configure(format="json", level="info", stream=stream)
+
+    running._shut_down_scheduler()
+    hung.set()
+
+    assert exits == [daemon.EXIT_STOP_TIMEOUT]
+    assert '"event": "daemon_stop_timeout"' in stream.getvalue()
+    running._runtime.store.close()
