@@ -111,6 +111,12 @@ class StateSchemaError(VaultError):
     """
 
 
+class StateDeleted(StateSchemaError):
+    """The latest version of a state was deleted or destroyed (``kv delete``, or Vault's
+    ``delete_version_after``). Permanent, as an unknown schema: taken for "no state", the keys
+    it tracks would count as foreign and the retiring ones never be retired."""
+
+
 class LockError(RotatorError):
     """The per-target lock could not be taken or was lost."""
 

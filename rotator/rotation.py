@@ -394,6 +394,12 @@ def _due(
         reason = "current key is gone from IAM"
     elif by_id[current.key_id].status is model.KeyStatus.INACTIVE:
         reason = "current key is Inactive in IAM"
+    elif published.access_key_id is None and published.version > 0:
+        # deleted (`kv delete`, or Vault's delete_version_after: then again after each write)
+        reason = (
+            f"the published secret's latest version ({published.version}) holds no key: it was "
+            "deleted (a `kv delete`, or delete_version_after on the mount or path) or overwritten"
+        )
     elif published.access_key_id is None or published.access_key_id not in by_id:
         reason = "the published secret does not hold a key that exists in IAM"
     elif by_id[published.access_key_id].status is model.KeyStatus.INACTIVE:

@@ -406,7 +406,19 @@ class VaultStore:
         )
 
     def read_state(self, target: str) -> model.StoredState:
-        data, version = self._kv_read(self._state(target), f"read the state of target {target}")
+        path = self._state(target)
+        data, version = self._kv_read(path, f"read the state of target {target}")
+        if data is None and version > 0:
+            raise errors.StateDeleted(
+                f"the latest version ({version}) of the state of target {target} "
+                f"({self._mount}/data/{path}) was deleted: by a `kv delete`, or by Vault's "
+                "delete_version_after on the mount or the path. rotator will not take it for "
+                "no state, which would leave the keys it tracks untracked. Undelete it "
+                f"(`bao kv undelete -mount={self._mount} -versions={version} {path}`) and unset "
+                "delete_version_after for rotator's paths; to start the target over on "
+                f"purpose, remove the whole state (`bao kv metadata delete -mount={self._mount} "
+                f"{path}`)"
+            )
         if data is None:
             return model.StoredState(model.TargetState(), version)
         return model.StoredState(model.TargetState.from_document(data), version)

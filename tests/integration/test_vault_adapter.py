@@ -306,6 +306,31 @@ def test_state_with_an_unknown_schema_raises_instead_of_reading_as_empty(
         store.read_state("web")
 
 
+@pytest.mark.parametrize("how", ["delete", "destroy"])
+def test_a_state_whose_latest_version_was_deleted_is_an_error_naming_the_undelete_not_no_state(
+    how: str, store: VaultStore, vault: VaultFixture
+) -> None:
+    # Vault's delete_version_after does this on its own: taken for "no state", the keys the
+    # state tracks would count as foreign and the retiring ones never be retired.
+    store.write_state("web", full_state(), 0)
+    kv = vault.client().secrets.kv.v2
+    if how == "delete":
+        kv.delete_latest_version_of_secret(path="rotator/targets/web", mount_point=vault.mount)
+    else:
+        kv.destroy_secret_versions(
+            path="rotator/targets/web", versions=[1], mount_point=vault.mount
+        )
+
+    with pytest.raises(errors.StateDeleted) as deleted:
+        store.read_state("web")
+
+    message = str(deleted.value)
+    assert "latest version (1) of the state of target web" in message
+    assert "delete_version_after" in message and "kv undelete" in message
+    assert "kv metadata delete" in message  # the deliberate way to start over
+    assert "pending-secret" not in message
+
+
 def test_state_path_is_configurable(make_store: MakeStore, vault: VaultFixture) -> None:
     store = make_store(state_path="/ops/rotator/")
     store.write_state("web", model.TargetState(failures=1), 0)

@@ -74,6 +74,17 @@ def test_no_free_slot_is_blocked_and_names_the_foreign_key() -> None:
     assert d.foreign == ("HAND",)
 
 
+def test_a_published_secret_whose_latest_version_holds_no_key_says_it_was_deleted() -> None:
+    state = model.TargetState(current=current("K1", timedelta(days=1)), created_ids=("K1",))
+    deleted = model.Published(None, None, {}, version=3)  # as KV v2 reads a deleted version
+
+    d = rotation.decide([key("K1", age=timedelta(days=1))], state, deleted, POLICY, T0)
+
+    assert kinds(d) == [ActionKind.CREATE_KEY]
+    assert d.due_reason is not None and "latest version (3) holds no key" in d.due_reason
+    assert "delete_version_after" in d.due_reason
+
+
 def test_blocked_by_a_retiring_key_says_when_it_is_deleted_and_how_to_rotate_sooner() -> None:
     # a rollback made the old key current again: it is past max_age, the newer key retires
     state = model.TargetState(
