@@ -72,6 +72,11 @@ from rotator import model
 VERIFY_FIRST_DELAY = timedelta(seconds=10)
 VERIFY_MAX_DELAY = timedelta(seconds=60)
 MAX_VERIFY_ATTEMPTS = 8
+# OUTSCALE's brute-force lock-out of a key (its API docs): see verify_delay.
+LOCKOUT_AFTER = 4  # failed signatures in a row
+LOCKOUT_STEP = timedelta(minutes=1)  # the block, longer by this for every LOCKOUT_AFTER more
+LOCKOUT_MAX = timedelta(minutes=10)
+LOCKOUT_MARGIN = timedelta(seconds=15)  # clocks and the time a call takes
 # A key created for an intent appears within the CreateAccessKey call (timeouts and retries
 # included), so only keys created this soon after the marker can be its orphan.
 INTENT_WINDOW = timedelta(minutes=5)
@@ -486,11 +491,19 @@ def next_due(state: model.TargetState, policy: Policy) -> datetime | None:
 
 
 def verify_delay(attempts: int) -> timedelta:
-    """The wait before the next verification attempt, after ``attempts`` failed ones."""
+    """The wait before the next verification attempt, after ``attempts`` failed ones.
+
+    OUTSCALE blocks a key for a minute after four failed signatures in a row, and a minute
+    more for every four more (ten at most); an attempt inside the block fails whatever the
+    key, and a key that has propagated would be given up. So after each fourth failure the
+    wait outlasts the block."""
     if attempts <= 0:
         return timedelta(0)
-    delay: timedelta = VERIFY_FIRST_DELAY * (2 ** min(attempts - 1, 16))
-    return min(delay, VERIFY_MAX_DELAY)
+    delay: timedelta = min(VERIFY_FIRST_DELAY * (2 ** min(attempts - 1, 16)), VERIFY_MAX_DELAY)
+    if attempts % LOCKOUT_AFTER == 0:
+        block = min(LOCKOUT_STEP * (attempts // LOCKOUT_AFTER), LOCKOUT_MAX)
+        delay = max(delay, block + LOCKOUT_MARGIN)
+    return delay
 
 
 def verify_attempts(policy: Policy) -> int:
@@ -529,7 +542,9 @@ def judge_verification(
             Verdict.GIVE_UP,
             reason=(
                 f"new key never authenticated ({result.detail or 'refused'}) after "
-                f"{pending.attempts} attempts within verify_timeout"
+                f"{pending.attempts} attempts within verify_timeout (the attempts wait out "
+                "OUTSCALE's lock-out after four failures in a row; a slower propagation needs "
+                "a longer verify_timeout)"
             ),
         )
     return VerifyJudgement(Verdict.RETRY, retry_at, f"not accepted yet ({result.detail})")

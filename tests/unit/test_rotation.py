@@ -322,6 +322,18 @@ def test_verification_schedule_is_at_most_three_attempts_a_minute() -> None:
     assert rotation.verify_delay(10) == rotation.VERIFY_MAX_DELAY
 
 
+def test_no_verification_attempt_falls_inside_outscales_lock_out() -> None:
+    # OUTSCALE blocks a key for a minute after 4 failed signatures in a row, a minute more for
+    # every 4 more: an attempt inside a block is refused however well the key has propagated.
+    attempts_at = [timedelta(0)]
+    for failed in range(1, rotation.MAX_VERIFY_ATTEMPTS):
+        attempts_at.append(attempts_at[-1] + rotation.verify_delay(failed))
+    for failed in range(4, len(attempts_at), 4):  # the block starts at the 4th, 8th... failure
+        block_ends = attempts_at[failed - 1] + timedelta(minutes=failed // 4)
+        assert attempts_at[failed] > block_ends + timedelta(seconds=10), attempts_at
+    assert attempts_at[:5] == [timedelta(seconds=s) for s in (0, 10, 30, 70, 145)]
+
+
 def test_judgement_gives_up_when_the_next_attempt_would_pass_verify_timeout() -> None:
     policy = rotation.Policy(
         max_age=timedelta(days=1),
