@@ -55,6 +55,7 @@ HEARTBEAT_SECONDS = 5.0
 VAULT_PROBE_SECONDS = 15.0  # readiness check and token renewal
 EXIT_STOP_TIMEOUT = 1
 PROBE_STUCK_SECONDS = 2 * VAULT_PROBE_SECONDS  # a check not back by then: unready
+PASS_STUCK_AFTER = 600.0  # seconds past verify_timeout: a pass running longer is stuck
 # How long a stop waits for the steps in flight. A call to a server that answers a byte at a
 # time never times out, so the stop cannot wait for ever: the process then ends at once, which
 # the protocol makes as safe as a kill -9 (each step is recorded before the next). Below
@@ -496,6 +497,8 @@ class Daemon:
         self._stop_requested = False
         self._reload_requested = False
         self._wake_r = self._wake_w = -1  # the pipe, made by run()
+        self._running: dict[str, tuple[float, engine.TargetSpec]] = {}  # passes in flight
+        self._said_stuck: set[tuple[str, float]] = set()  # (target, start) said pass_stuck
         # Fixed for the process's life: the pool's size and the listening address.
         self._workers = settings.workers
         self._listen = settings.metrics.listen
@@ -556,6 +559,7 @@ class Daemon:
         self._health.heartbeat = time.monotonic()
         self._notifier.watchdog()
         self._check_probe_stuck()
+        self._check_passes_stuck()
 
     def _check_probe_stuck(self) -> None:
         """A Vault check that has not come back (a server that accepts and answers a byte at a
@@ -577,12 +581,44 @@ class Daemon:
         self._health.vault_ok, self._health.vault_reason = False, reason
         self._metrics.set_ready(False)
 
+    def _check_passes_stuck(self) -> None:
+        """A pass running for longer than its verify_timeout plus PASS_STUCK_AFTER is stuck in
+        a call that does not come back: said once (`pass_stuck`) and in rotator_pass_stuck."""
+        now = time.monotonic()
+        for name, (started, spec) in list(self._running.items()):
+            limit = spec.policy.verify_timeout.total_seconds() + PASS_STUCK_AFTER
+            if now - started < limit or (name, started) in self._said_stuck:
+                continue
+            self._said_stuck.add((name, started))
+            self._metrics.set_stuck(name, True)
+            logger.warning(
+                "pass_stuck",
+                target=name,
+                running_seconds=round(now - started),
+                note="the pass waits on a call to EIM or Vault that has not come back (a "
+                "server that accepts but does not answer, or answers a byte at a time): check "
+                "eim.endpoint, vault.address and the network in between; a restart ends the "
+                "call, and the next pass resumes from the stored state",
+            )
+
     # jobs
     def _job(self, name: str) -> None:
         runtime = self._runtime
         spec = runtime.specs.get(name)
         if spec is None:
             return
+        started = time.monotonic()
+        self._running[name] = (started, spec)
+        try:
+            self._pass(runtime, spec)
+        finally:
+            self._running.pop(name, None)
+            if (name, started) in self._said_stuck:
+                self._said_stuck.discard((name, started))
+                self._metrics.set_stuck(name, False)
+
+    def _pass(self, runtime: Runtime, spec: engine.TargetSpec) -> None:
+        name = spec.name
         try:
             report = runtime.engine.run_pass(spec)
             self._metrics.record_pass(report, self._clock.now())

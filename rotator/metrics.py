@@ -99,6 +99,7 @@ class _Series:
     keys: list[float] = field(default_factory=lambda: [0.0] * len(KEY_STATUSES))
     foreign: float = 0.0
     blocked: float = 0.0
+    stuck: float = 0.0
     # gauges whose zero would be a lie (timestamps, the key age): absent until a pass sets them
     last_rotation: float | None = None
     last_pass_success: float | None = None
@@ -222,6 +223,7 @@ def _families(items: list[tuple[str, _Series]], global_errors: dict[str, float])
             gauges["rotator_access_keys"].add_metric([target, status], value)
         gauges["rotator_foreign_keys"].add_metric([target], series.foreign)
         gauges["rotator_blocked"].add_metric([target], series.blocked)
+        gauges["rotator_pass_stuck"].add_metric([target], series.stuck)
         for name, maybe in (
             ("rotator_last_rotation_timestamp_seconds", series.last_rotation),
             ("rotator_last_pass_success_timestamp_seconds", series.last_pass_success),
@@ -298,6 +300,12 @@ _GAUGES: Final = (
         "1 when a due rotation cannot proceed (no free key slot, ...), else 0.",
         ["target"],
     ),
+    (
+        "rotator_pass_stuck",
+        "1 while a pass over the target has run for longer than its verify_timeout plus 10 "
+        "minutes (a call that does not come back), else 0.",
+        ["target"],
+    ),
 )
 
 
@@ -310,6 +318,7 @@ def _copy(series: _Series) -> _Series:
         keys=list(series.keys),
         foreign=series.foreign,
         blocked=series.blocked,
+        stuck=series.stuck,
         last_rotation=series.last_rotation,
         last_pass_success=series.last_pass_success,
         key_age=series.key_age,
@@ -374,6 +383,15 @@ class Metrics:
             self._gone.add(target)
             self._targets.series.pop(target, None)
             self._targets.changed(target)
+
+    def set_stuck(self, target: str, stuck: bool) -> None:
+        """Whether a pass over ``target`` is running for too long (see daemon.PASS_STUCK_AFTER)."""
+        with self._targets.lock:
+            series = self._targets.series.get(target)
+            value = 1.0 if stuck else 0.0
+            if series is not None and series.stuck != value:
+                series.stuck = value
+                self._targets.changed(target)
 
     def record_pass(self, report: model.PassReport, now: datetime) -> None:
         """Update the target's metrics from what one pass did and saw.

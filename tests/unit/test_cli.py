@@ -441,3 +441,30 @@ def test_a_stop_whose_steps_never_end_ends_the_process_after_the_wait(
     assert exits == [daemon.EXIT_STOP_TIMEOUT]
     assert '"event": "daemon_stop_timeout"' in stream.getvalue()
     running._runtime.store.close()
+
+
+def test_a_pass_running_past_verify_timeout_plus_ten_minutes_is_said_stuck_once(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path)
+    running = daemon.Daemon(str(path), config.load(path))
+    spec = running._runtime.specs["t1"]
+    running._metrics.init_target("t1")
+    limit = spec.policy.verify_timeout.total_seconds() + daemon.PASS_STUCK_AFTER
+    started = time.monotonic() - limit - 1
+    running._running["t1"] = (started, spec)
+    stream = io.StringIO()
+    log.configure(format="json", level="info", stream=stream)
+
+    running._check_passes_stuck()
+    running._check_passes_stuck()  # said once per pass
+
+    said = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["event"] for e in said] == ["pass_stuck"]
+    assert said[0]["target"] == "t1" and said[0]["running_seconds"] >= limit
+    registry = running._metrics.registry
+    assert registry.get_sample_value("rotator_pass_stuck", {"target": "t1"}) == 1.0
+    running._running["t1"] = (time.monotonic(), spec)  # a new pass, just begun
+    running._check_passes_stuck()
+    assert stream.getvalue().count("pass_stuck") == 1
+    running._runtime.store.close()

@@ -224,6 +224,24 @@ def test_blocked_pass_sets_blocked_and_a_later_pass_clears_it(
     assert value(registry, "rotator_blocked", target="monitoring") == 0.0
 
 
+def test_a_stuck_pass_is_exported_until_it_ends(
+    m: metrics.Metrics, registry: CollectorRegistry
+) -> None:
+    m.init_target("monitoring")
+    assert value(registry, "rotator_pass_stuck", target="monitoring") == 0.0
+
+    m.set_stuck("monitoring", True)
+    stuck = value(registry, "rotator_pass_stuck", target="monitoring")
+    served, _ = m.exposition("text/plain")
+    m.set_stuck("monitoring", False)
+
+    assert stuck == 1.0
+    assert b'rotator_pass_stuck{target="monitoring"} 1.0' in served  # the cache follows
+    assert value(registry, "rotator_pass_stuck", target="monitoring") == 0.0
+    m.set_stuck("gone", True)  # a target the metrics do not know: nothing made up
+    assert value(registry, "rotator_pass_stuck", target="gone") is None
+
+
 def test_dry_run_records_only_errors_and_duration(
     m: metrics.Metrics, registry: CollectorRegistry
 ) -> None:
