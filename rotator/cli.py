@@ -278,9 +278,17 @@ def _passes(
     runtime: daemon.Runtime, names: list[str], *, force: bool, lock_wait: float = 0.0
 ) -> int:
     # `rotate` (force) also checks the identity, as an operator acting by hand would expect
-    reports = daemon.run_passes(
-        runtime, names, force=force, check_identity=force, lock_wait=lock_wait
-    )
+    try:
+        reports = daemon.run_passes(
+            runtime, names, force=force, check_identity=force, lock_wait=lock_wait
+        )
+    except daemon.PassStuck as stuck:
+        for report in stuck.reports:
+            _out(_summary(report))
+        print(f"rotator: {log.redact(str(stuck))}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)  # the stuck thread would keep the interpreter from exiting
     for report in reports:
         _out(_summary(report))
         if report.dry_run:

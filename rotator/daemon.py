@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -459,18 +459,51 @@ def run_passes(
     """
     specs = [runtime.specs[name] for name in dict.fromkeys(names)]
     workers = max(1, min(runtime.settings.workers, len(specs)))
+    started: dict[str, float] = {}
 
     def one(spec: engine.TargetSpec) -> model.PassReport:
+        started[spec.name] = time.monotonic()
         return runtime.engine.run_pass(
             spec, force=force, check_identity=check_identity, lock_wait=lock_wait
         )
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass") as pool:
-        reports = list(pool.map(one, specs))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass")
+    futures = {spec.name: pool.submit(one, spec) for spec in specs}
+    waiting = set(futures.values())
+    while waiting:
+        _, waiting = wait(waiting, timeout=HEARTBEAT_SECONDS)
+        now = time.monotonic()
+        for spec in specs:
+            begun = started.get(spec.name)
+            limit = spec.policy.verify_timeout.total_seconds() + PASS_STUCK_AFTER + lock_wait
+            if futures[spec.name] in waiting and begun is not None and now - begun > limit:
+                pool.shutdown(wait=False, cancel_futures=True)  # its thread cannot be ended
+                done = [f.result() for f in futures.values() if f.done() and not f.cancelled()]
+                raise PassStuck(spec.name, now - begun, done)
+    pool.shutdown()
+    reports = [futures[spec.name].result() for spec in specs]
     if on_report is not None:
         for report in reports:
             on_report(report)
     return reports
+
+
+class PassStuck(errors.RotatorError):
+    """A pass of a one-shot command waits on a call that does not come back (a server that
+    accepts but never answers, or answers a byte at a time: no per-read timeout ends it). The
+    thread cannot be ended: the command has to end the process (as safe as a kill -9)."""
+
+    component = "other"
+
+    def __init__(self, target: str, waited: float, reports: list[model.PassReport]) -> None:
+        self.reports = reports
+        super().__init__(
+            f"target {target}: its pass has waited {waited:.0f}s, longer than its verify_timeout "
+            "plus 10 minutes, on a call to EIM or Vault that has not come back (a server that "
+            "accepts but does not answer, or answers a byte at a time): check eim.endpoint, "
+            "vault.address and the network in between. The command ends now; the next run "
+            "resumes from the state in Vault"
+        )
 
 
 # --- the daemon ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ configs point: a pass fails at once, which is all these tests need)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -468,3 +469,59 @@ def test_a_pass_running_past_verify_timeout_plus_ten_minutes_is_said_stuck_once(
     running._check_passes_stuck()
     assert stream.getvalue().count("pass_stuck") == 1
     running._runtime.store.close()
+
+
+def test_a_one_shot_pass_stuck_on_a_call_ends_with_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path)
+    runtime = daemon.build_runtime(config.load(path), daemon.SystemClock())
+    never = threading.Event()
+    finished = model.PassReport(target="t2", ok=True, duration_seconds=0.1)
+
+    class Engine:
+        def run_pass(self, spec: Any, **_: Any) -> model.PassReport:
+            if spec.name == "t1":
+                never.wait(30)  # a server that answers a byte at a time
+            return finished
+
+    t1 = runtime.specs["t1"]
+    t1 = dataclasses.replace(t1, policy=dataclasses.replace(t1.policy, verify_timeout=timedelta(0)))
+    specs = {"t1": t1, "t2": dataclasses.replace(t1, name="t2")}
+    stuck_runtime = dataclasses.replace(runtime, engine=Engine(), specs=specs)
+    monkeypatch.setattr(daemon, "PASS_STUCK_AFTER", 0.2)
+    monkeypatch.setattr(daemon, "HEARTBEAT_SECONDS", 0.05)
+
+    try:
+        with pytest.raises(daemon.PassStuck) as stuck:
+            daemon.run_passes(stuck_runtime, ["t1", "t2"])
+    finally:
+        never.set()
+        runtime.store.close()
+
+    assert "target t1: its pass has waited" in str(stuck.value)
+    assert "eim.endpoint, vault.address" in str(stuck.value)
+    assert stuck.value.reports == [finished]  # what did finish is still told
+
+
+def test_rotate_with_a_stuck_pass_tells_what_finished_and_ends_the_process_with_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    finished = model.PassReport(target="t2", ok=True, duration_seconds=0.1)
+
+    def stuck(*_: Any, **__: Any) -> Any:
+        raise daemon.PassStuck("t1", 700.0, [finished])
+
+    def exit_now(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(daemon, "run_passes", stuck)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["rotate", "-c", str(path), "t1"])
+
+    out, err = capsys.readouterr()
+    assert ended.value.code == cli.EXIT_FAILED
+    assert out.startswith("t2: ")
+    assert err.startswith("rotator: target t1: its pass has waited 700s") and err.count("\n") == 1
