@@ -310,6 +310,8 @@ def decide(
     remaining = [k for k in keys if k.key_id not in deleted]
     if len(remaining) >= policy.max_keys:
         blocked = _blocked_reason(remaining, state, foreign, policy, by_id, published_id)
+        if not due_reason.startswith(("current key reached max_age", "no current key")):
+            blocked = f"{blocked} (a new key is needed now: {due_reason})"  # consumers may fail
         actions.append(Action(ActionKind.BLOCKED, blocked))
         return Decision(tuple(actions), due_reason, next_due, foreign, blocked)
     actions.append(Action(ActionKind.CREATE_KEY, due_reason))

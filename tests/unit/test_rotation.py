@@ -85,6 +85,21 @@ def test_a_published_secret_whose_latest_version_holds_no_key_says_it_was_delete
     assert "delete_version_after" in d.due_reason
 
 
+def test_blocked_while_the_published_secret_is_broken_says_why_a_key_is_needed_now() -> None:
+    # a consumer wrote a bogus key id over the secret; both slots are taken (current, retiring)
+    state = model.TargetState(
+        current=current("K2", timedelta(hours=1)),
+        retiring=(model.RetiringKey("K1", T0 + timedelta(hours=20), since=T0),),
+        created_ids=("K1", "K2"),
+    )
+    keys = [key("K1", age=timedelta(days=2)), key("K2", age=timedelta(hours=1))]
+
+    d = rotation.decide(keys, state, published("BOGUS"), POLICY, T0)
+
+    assert d.blocked is not None and d.blocked.startswith("no free key slot")
+    assert "a new key is needed now: the published secret does not hold a key" in d.blocked
+
+
 def test_blocked_by_a_retiring_key_says_when_it_is_deleted_and_how_to_rotate_sooner() -> None:
     # a rollback made the old key current again: it is past max_age, the newer key retires
     state = model.TargetState(
