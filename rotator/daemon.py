@@ -771,11 +771,10 @@ class Daemon:
         closer.join(STOP_WAIT_SECONDS)
         if not closer.is_alive():
             return
-        stuck = sorted(t.name for t in threading.enumerate() if t.name.startswith("ThreadPool"))
         logger.error(
             "daemon_stop_timeout",
             waited_seconds=STOP_WAIT_SECONDS,
-            threads=stuck,
+            targets=sorted(self._running),  # whose passes are still in flight
             note="a call in flight has not come back (a server that accepts but does not answer "
             "in time): rotator ends now; the next start resumes from the stored state",
         )
