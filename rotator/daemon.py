@@ -532,6 +532,7 @@ class Daemon:
         self._wake_r = self._wake_w = -1  # the pipe, made by run()
         self._running: dict[str, tuple[float, engine.TargetSpec]] = {}  # passes in flight
         self._said_stuck: set[tuple[str, float]] = set()  # (target, start) said pass_stuck
+        self._setup_checked: Runtime | None = None  # whose Vault mount settings were checked
         # Fixed for the process's life: the pool's size and the listening address.
         self._workers = settings.workers
         self._listen = settings.metrics.listen
@@ -579,6 +580,11 @@ class Daemon:
                 logger.warning("vault_not_ready", error=str(exc))
             self._health.vault_ok, self._health.vault_reason = False, str(exc)
         else:
+            if self._setup_checked is not self._runtime:  # once per runtime, Vault answering
+                self._setup_checked = self._runtime
+                with contextlib.suppress(errors.RotatorError):
+                    for warning in store.setup_warnings():
+                        logger.warning("config_warning", warning=warning)
             if not self._health.vault_ok:
                 logger.info("vault_ready")
             self._health.vault_ok, self._health.vault_reason = True, "ok"

@@ -23,6 +23,12 @@ path "secret/metadata/rotator/targets/" {
   capabilities = ["list"]
 }
 
+# At start: the mount's KV settings (delete_version_after, max_versions), warned of when they
+# work against rotator. Without it the check is skipped.
+path "secret/config" {
+  capabilities = ["read"]
+}
+
 # At start and in the readiness probe: "is this mount KV version 2?".
 path "sys/internal/ui/mounts/secret" {
   capabilities = ["read"]

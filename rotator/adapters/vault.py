@@ -18,6 +18,7 @@ secret in an exception message, and never return the published secret's value.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -361,6 +362,35 @@ class VaultStore:
         """Raise unless Vault is reachable, unsealed, the token valid and the mount KV v2."""
         self._lookup_self()
         self._check_mount()
+
+    def setup_warnings(self) -> list[str]:
+        """What in the mount's KV settings works against rotator ([] when the policy does not
+        grant reading ``<mount>/config``: the check is then skipped)."""
+        op = _Op("read", f"{self._mount}/config", f"read the settings of the mount {self._mount}/")
+        try:
+            answer = self._call(
+                op, lambda client: client.secrets.kv.v2.read_configuration(mount_point=self._mount)
+            )
+        except errors.VaultDenied:
+            return []
+        settings = _mapping(_mapping(answer).get("data"))
+        warnings = []
+        after = _go_seconds(settings.get("delete_version_after"))
+        if after:
+            warnings.append(
+                f"the mount {self._mount}/ deletes every version {after:g}s after it is written "
+                "(delete_version_after): rotator's states would then be refused as deleted, and "
+                "each target given a new key whenever its secret goes. Unset it: `bao write "
+                f"{self._mount}/config delete_version_after=0s`"
+            )
+        if settings.get("max_versions") == 1:
+            warnings.append(
+                f"the mount {self._mount}/ keeps one version of each secret (max_versions 1): "
+                "the roll-back to the previous version of a published secret (docs/runbook.md) "
+                f"is impossible. Keep 2 or more: `bao write {self._mount}/config max_versions=0` "
+                "(Vault's default, 10)"
+            )
+        return warnings
 
     # --- SecretStore ---------------------------------------------------------------------
 
@@ -752,6 +782,21 @@ class _TokenTtl:
     ttl: int  # seconds left; 0: never expires
     creation_ttl: int
     renewable: bool
+
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_GO_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def _go_seconds(value: object) -> float:
+    """Seconds in a Go duration as Vault writes it ("0s", "8s", "1h30m0s"); 0 if unreadable."""
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return 0.0
+    return sum(
+        float(amount) * _GO_UNIT_SECONDS[unit] for amount, unit in _GO_DURATION_PART.findall(value)
+    )
 
 
 def _login_request(client: Any, auth: AppRoleAuth | KubernetesAuth) -> Any:

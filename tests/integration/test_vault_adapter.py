@@ -331,6 +331,28 @@ def test_a_state_whose_latest_version_was_deleted_is_an_error_naming_the_undelet
     assert "pending-secret" not in message
 
 
+def test_mount_settings_that_work_against_rotator_are_warned_of_and_a_denied_read_skips(
+    store: VaultStore, make_store: MakeStore, vault: VaultFixture
+) -> None:
+    assert store.setup_warnings() == []  # the dev server's defaults
+    kv = vault.client().secrets.kv.v2
+    kv.configure(mount_point=vault.mount, delete_version_after="1h30m0s", max_versions=1)
+    token = vault.token_with_policy(
+        f"{vault.mount}-no-config", f'path "{vault.mount}/data/*" {{ capabilities = ["read"] }}'
+    )
+    try:
+        warned = store.setup_warnings()
+        denied = make_store(auth=TokenAuth(model.Secret(token))).setup_warnings()
+    finally:
+        kv.configure(mount_point=vault.mount, delete_version_after="0s", max_versions=0)
+
+    assert len(warned) == 2
+    assert f"the mount {vault.mount}/ deletes every version 5400s after it is written" in warned[0]
+    assert "delete_version_after=0s" in warned[0]
+    assert "max_versions 1" in warned[1] and "roll-back" in warned[1]
+    assert denied == []  # not granted: the check is skipped
+
+
 def test_state_path_is_configurable(make_store: MakeStore, vault: VaultFixture) -> None:
     store = make_store(state_path="/ops/rotator/")
     store.write_state("web", model.TargetState(failures=1), 0)

@@ -525,3 +525,26 @@ def test_rotate_with_a_stuck_pass_tells_what_finished_and_ends_the_process_with_
     assert ended.value.code == cli.EXIT_FAILED
     assert out.startswith("t2: ")
     assert err.startswith("rotator: target t1: its pass has waited 700s") and err.count("\n") == 1
+
+
+def test_the_daemon_warns_of_the_mounts_settings_once_vault_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path)
+    running = daemon.Daemon(str(path), config.load(path))
+    store = running._runtime.store
+    asked: list[int] = []
+    monkeypatch.setattr(store, "refresh_token", lambda period: None)
+    monkeypatch.setattr(store, "check", lambda: None)
+    monkeypatch.setattr(store, "setup_warnings", lambda: asked.append(1) or ["mount says no"])
+    stream = io.StringIO()
+    log.configure(format="json", level="info", stream=stream)
+
+    running._probe_vault()
+    running._probe_vault()
+
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warned = [e["warning"] for e in events if e["event"] == "config_warning"]
+    assert warned == ["mount says no"] and asked == [1]  # once per runtime
+    assert running._ready() == (True, "ok")
+    store.close()
