@@ -475,7 +475,7 @@ def run_passes(
         now = time.monotonic()
         for spec in specs:
             begun = started.get(spec.name)
-            limit = spec.policy.verify_timeout.total_seconds() + PASS_STUCK_AFTER + lock_wait
+            limit = stuck_after(spec) + lock_wait
             if futures[spec.name] in waiting and begun is not None and now - begun > limit:
                 pool.shutdown(wait=False, cancel_futures=True)  # its thread cannot be ended
                 done = [f.result() for f in futures.values() if f.done() and not f.cancelled()]
@@ -486,6 +486,11 @@ def run_passes(
         for report in reports:
             on_report(report)
     return reports
+
+
+def stuck_after(spec: engine.TargetSpec) -> float:
+    """Seconds after which a pass over ``spec`` is stuck on a call that does not come back."""
+    return spec.policy.verify_timeout.total_seconds() + PASS_STUCK_AFTER
 
 
 class PassStuck(errors.RotatorError):
@@ -625,7 +630,7 @@ class Daemon:
         a call that does not come back: said once (`pass_stuck`) and in rotator_pass_stuck."""
         now = time.monotonic()
         for name, (started, spec) in list(self._running.items()):
-            limit = spec.policy.verify_timeout.total_seconds() + PASS_STUCK_AFTER
+            limit = stuck_after(spec)
             if now - started < limit or (name, started) in self._said_stuck:
                 continue
             self._said_stuck.add((name, started))

@@ -480,7 +480,7 @@ class Engine:
         recorded = state.account
         if account is None or recorded is None or account == recorded or _movable(state):
             return None
-        keys = ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"
+        keys = _tracked_keys_text(state)
         return (
             f"its keys ({keys}) were made in IAM account {recorded}, and rotator's EIM "
             f"credentials now act in account {account} at {self._iam.endpoint}: nothing "
@@ -1274,23 +1274,17 @@ class Engine:
                 retiring.append(
                     (r.key_id, RetiringPhase.INACTIVE, rotation.delete_deadline(r, spec.policy))
                 )
-        return StatusView(
-            target=spec.name,
-            user=spec.user,
-            secret_path=spec.secret_path,
-            published_key_id=published.access_key_id,
-            current_key_id=state.current.key_id if state.current else None,
-            current_created=state.current.created if state.current else None,
+        return _status_view(
+            spec,
+            state,
+            published,
             next_due=decision.next_due,
             due_reason=decision.due_reason,
-            pending_key_id=state.pending.key_id if state.pending else None,
             retiring=tuple(retiring),
             foreign=decision.foreign,
             keys=tuple(keys),
             blocked=decision.blocked,
             last_error=problem or state.last_error,
-            last_rotation_at=state.last_rotation_at,
-            failures=state.failures,
         )
 
     def _status_without_iam(
@@ -1301,23 +1295,17 @@ class Engine:
         error: str,
     ) -> StatusView:
         """The status from Vault alone, IAM unreadable: the keys as the state records them."""
-        return StatusView(
-            target=spec.name,
-            user=spec.user,
-            secret_path=spec.secret_path,
-            published_key_id=published.access_key_id,
-            current_key_id=state.current.key_id if state.current else None,
-            current_created=state.current.created if state.current else None,
+        return _status_view(
+            spec,
+            state,
+            published,
             next_due=rotation.next_due(state, spec.policy),
             due_reason=None,
-            pending_key_id=state.pending.key_id if state.pending else None,
             retiring=tuple((r.key_id, RetiringPhase.UNKNOWN, None) for r in state.retiring),
             foreign=(),
             keys=(),
             blocked=None,
             last_error=f"IAM not read, keys as rotator's state records them: {error}",
-            last_rotation_at=state.last_rotation_at,
-            failures=state.failures,
         )
 
     def adopt(self, spec: TargetSpec, key_id: str, others: Iterable[TargetSpec] = ()) -> str:
@@ -1367,7 +1355,7 @@ class Engine:
         one target counts as foreign may be another's (a name reused after a rename)."""
         owners: dict[str, str] = {}
         for name, state in self._states(specs):
-            for key_id in state.tracked_ids() | set(state.created_ids):
+            for key_id in _known_ids(state):
                 owners.setdefault(key_id, name)
         return owners
 
@@ -1403,8 +1391,47 @@ def _untracked_note(spec: TargetSpec, key_id: str) -> str:
     )
 
 
+def _status_view(
+    spec: TargetSpec,
+    state: model.TargetState,
+    published: model.Published,
+    *,
+    next_due: datetime | None,
+    due_reason: str | None,
+    retiring: tuple[tuple[str, RetiringPhase, datetime | None], ...],
+    foreign: tuple[str, ...],
+    keys: tuple[model.AccessKey, ...],
+    blocked: str | None,
+    last_error: str | None,
+) -> StatusView:
+    """A status row: what the config and Vault say, with what IAM was seen to say."""
+    return StatusView(
+        target=spec.name,
+        user=spec.user,
+        secret_path=spec.secret_path,
+        published_key_id=published.access_key_id,
+        current_key_id=state.current.key_id if state.current else None,
+        current_created=state.current.created if state.current else None,
+        next_due=next_due,
+        due_reason=due_reason,
+        pending_key_id=state.pending.key_id if state.pending else None,
+        retiring=retiring,
+        foreign=foreign,
+        keys=keys,
+        blocked=blocked,
+        last_error=last_error,
+        last_rotation_at=state.last_rotation_at,
+        failures=state.failures,
+    )
+
+
+def _known_ids(state: model.TargetState) -> frozenset[str]:
+    """The keys a state gives a role (current, pending, retiring) or remembers creating."""
+    return state.tracked_ids() | frozenset(state.created_ids)
+
+
 def _tracked_in(state: model.TargetState, key_id: str) -> bool:
-    return key_id in state.tracked_ids() or key_id in state.created_ids
+    return key_id in _known_ids(state)
 
 
 def _shared_keys(change: identity.Change) -> tuple[tuple[str, str], ...]:
@@ -1452,7 +1479,7 @@ def _check_owner(spec: TargetSpec, state: model.TargetState) -> None:
         )
     if state.user == spec.user or _movable(state):
         return
-    keys = ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"
+    keys = _tracked_keys_text(state)
     raise errors.ConfigError(
         f"target {spec.name}: user",
         f"the target's keys ({keys}) belong to user {state.user}, the config now "
@@ -1460,6 +1487,11 @@ def _check_owner(spec: TargetSpec, state: model.TargetState) -> None:
         f"{state.user} back, or delete those keys of {state.user} by hand and then the "
         f"target's state in Vault to start over with {spec.user}",
     )
+
+
+def _tracked_keys_text(state: model.TargetState) -> str:
+    """The keys a state tracks, for an error saying why it cannot be moved."""
+    return ", ".join(sorted(state.tracked_ids())) or "a key an interrupted rotation made"
 
 
 def _refused(exc: errors.EimError) -> bool:
