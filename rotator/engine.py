@@ -486,7 +486,8 @@ class Engine:
             f"credentials now act in account {account} at {self._iam.endpoint}: nothing "
             f"was changed there. Put eim.endpoint, eim.region and eim.credentials_file "
             f"back; to move the target to account {account} for good, retire its keys in "
-            f"{recorded} by hand, then delete its state in Vault to start over"
+            f"{recorded} by hand, then remove its state from Vault (`kv metadata delete`; "
+            f"a `kv delete` is refused) to start over"
         )
 
     @contextlib.contextmanager
@@ -1484,8 +1485,9 @@ def _check_owner(spec: TargetSpec, state: model.TargetState) -> None:
         f"target {spec.name}: user",
         f"the target's keys ({keys}) belong to user {state.user}, the config now "
         f"says {spec.user}; rotator does not move a target between users: put user: "
-        f"{state.user} back, or delete those keys of {state.user} by hand and then the "
-        f"target's state in Vault to start over with {spec.user}",
+        f"{state.user} back, or delete those keys of {state.user} by hand and then remove "
+        f"the target's state from Vault (`kv metadata delete`; a `kv delete` is refused) "
+        f"to start over with {spec.user}",
     )
 
 

@@ -458,6 +458,7 @@ def test_a_target_moved_to_another_user_stops_with_a_clear_error_and_touches_not
     assert report.error is not None
     assert "belong to user watcher_1, the config now says watcher_2" in report.error
     assert "put user: watcher_1 back" in report.error
+    assert "`kv metadata delete`" in report.error  # `kv delete` leaves a deleted state, refused
     assert view.last_error is not None and "belong to user watcher_1" in view.last_error
     # status shows the keys the state tracks, not "the current key is gone" of the new user
     assert view.due_reason is None and [k.key_id for k in view.keys] == list(old_keys)
@@ -483,6 +484,7 @@ def test_credentials_of_another_account_change_nothing_there_and_publish_nothing
     assert report.error is not None
     assert "made in IAM account 123456789012" in report.error
     assert "now act in account 222222222222" in report.error
+    assert "`kv metadata delete`" in report.error
     assert w.iam.users == {} and w.vault.published_id(PATH) == published
     view = w.engine.status(SPEC)
     assert view.last_error is not None and "now act in account 222222222222" in view.last_error
