@@ -206,6 +206,7 @@ class VaultStore:
         self._refresh_lock = threading.Lock()  # one refresh_token() at a time
         self._leases: dict[str, _Held] = {}  # target -> this store's last write to its lock
         self._leases_lock = threading.Lock()
+        self._expiring: set[str] = set()  # paths whose written version Vault will delete: warned
         if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
 
@@ -427,7 +428,13 @@ class VaultStore:
             "secret_access_key": key.secret.reveal(),
             "created_at": model.format_time(key.created),
         }
-        version = self._kv_write(path, data, base.version, "publish the new key")
+        version = self._kv_write(
+            path,
+            data,
+            base.version,
+            "publish the new key",
+            expiring="consumers lose the key then, and rotator makes a new one each time",
+        )
         return model.Published(
             access_key_id=key.key_id,
             created_at=model.utc(key.created),
@@ -455,7 +462,12 @@ class VaultStore:
 
     def write_state(self, target: str, state: model.TargetState, version: int) -> int:
         return self._kv_write(
-            self._state(target), state.to_document(), version, f"write the state of target {target}"
+            self._state(target),
+            state.to_document(),
+            version,
+            f"write the state of target {target}",
+            expiring="the state is then refused as deleted and the target stops until it is "
+            "undeleted",
         )
 
     def list_states(self) -> list[str]:
@@ -607,8 +619,13 @@ class VaultStore:
             return None, version
         return data, version
 
-    def _kv_write(self, path: str, data: Mapping[str, Any], cas: int, purpose: str) -> int:
-        """Write with check-and-set on ``cas``; returns the new version."""
+    def _kv_write(
+        self, path: str, data: Mapping[str, Any], cas: int, purpose: str, *, expiring: str = ""
+    ) -> int:
+        """Write with check-and-set on ``cas``; returns the new version.
+
+        ``expiring``: what Vault deleting this version would do; said once per path when the
+        version written has a deletion time (delete_version_after on the path or the mount)."""
         op = _Op("create" if cas == 0 else "update", f"{self._mount}/data/{path}", purpose)
 
         def call(client: Any) -> Any:
@@ -620,7 +637,21 @@ class VaultStore:
         if not isinstance(response, dict):
             # A KV v1 engine accepts the write (204, no version): the mount is the wrong kind.
             raise self._not_kv_v2()
-        return _version(_mapping(response.get("data")).get("version"))
+        written = _mapping(response.get("data"))
+        version = _version(written.get("version"))
+        deletion = _text(written.get("deletion_time"))
+        if expiring and deletion and path not in self._expiring:
+            self._expiring.add(path)
+            log.warning(
+                "vault_version_expires",
+                path=f"{self._mount}/data/{path}",
+                version=version,
+                deletion_time=deletion,
+                reason=f"Vault deletes this version then (delete_version_after): {expiring}",
+                fix=f"bao kv metadata put -mount={self._mount} -delete-version-after=0s {path}, "
+                f"and unset it on the mount if set there (bao read {self._mount}/config)",
+            )
+        return version
 
     def _not_kv_v2(self) -> errors.VaultError:
         return errors.VaultError(

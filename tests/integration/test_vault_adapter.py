@@ -14,6 +14,7 @@ from typing import Any
 
 import hvac
 import pytest
+import structlog.testing
 
 from rotator import errors, model
 from rotator.adapters import vault as vault_adapter
@@ -351,6 +352,32 @@ def test_mount_settings_that_work_against_rotator_are_warned_of_and_a_denied_rea
     assert "delete_version_after=0s" in warned[0]
     assert "max_versions 1" in warned[1] and "roll-back" in warned[1]
     assert denied == []  # not granted: the check is skipped
+
+
+def test_a_path_whose_versions_vault_deletes_is_warned_of_once_on_its_first_write(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    # delete_version_after on one path, not the mount: setup_warnings() cannot see it, and the
+    # published secret would vanish, a new key made each time (the state: refused as deleted)
+    kv = vault.client().secrets.kv.v2
+    for path in ("team/expiring", "rotator/targets/web"):
+        kv.update_metadata(path=path, delete_version_after="1h", mount_point=vault.mount)
+    with structlog.testing.capture_logs() as logs:
+        base = store.write_published("team/expiring", new_key(), store.read_published("x/y"))
+        store.write_published("team/expiring", new_key("AKIAEXAMPLE0002"), base)
+        store.write_state("web", model.TargetState(failures=1), 0)
+        store.write_published("team/lasting", new_key(), store.read_published("team/lasting"))
+
+    warned = [e for e in logs if e["event"] == "vault_version_expires"]
+    assert [e["path"] for e in warned] == [
+        f"{vault.mount}/data/team/expiring",
+        f"{vault.mount}/data/rotator/targets/web",
+    ]  # once per path, and not for a path that keeps its versions
+    assert warned[0]["log_level"] == "warning" and warned[0]["deletion_time"]
+    assert "consumers lose the key" in warned[0]["reason"]
+    assert "refused as deleted" in warned[1]["reason"]
+    assert "-delete-version-after=0s team/expiring" in warned[0]["fix"]
+    assert "secret-" not in repr(warned)
 
 
 def test_state_path_is_configurable(make_store: MakeStore, vault: VaultFixture) -> None:
