@@ -207,6 +207,7 @@ class VaultStore:
         self._leases: dict[str, _Held] = {}  # target -> this store's last write to its lock
         self._leases_lock = threading.Lock()
         self._expiring: set[str] = set()  # paths whose written version Vault will delete: warned
+        self._mount_expires = False  # setup_warnings() saw delete_version_after on the mount
         if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
 
@@ -377,6 +378,7 @@ class VaultStore:
         settings = _mapping(_mapping(answer).get("data"))
         warnings = []
         after = _go_seconds(settings.get("delete_version_after"))
+        self._mount_expires = bool(after)  # said here once: not again for each path
         if after:
             warnings.append(
                 f"the mount {self._mount}/ deletes every version {after:g}s after it is written "
@@ -640,7 +642,7 @@ class VaultStore:
         written = _mapping(response.get("data"))
         version = _version(written.get("version"))
         deletion = _text(written.get("deletion_time"))
-        if expiring and deletion and path not in self._expiring:
+        if expiring and deletion and not self._mount_expires and path not in self._expiring:
             self._expiring.add(path)
             log.warning(
                 "vault_version_expires",

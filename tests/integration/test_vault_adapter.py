@@ -379,6 +379,16 @@ def test_a_path_whose_versions_vault_deletes_is_warned_of_once_on_its_first_writ
     assert "-delete-version-after=0s team/expiring" in warned[0]["fix"]
     assert "secret-" not in repr(warned)
 
+    # set on the mount, setup_warnings() says it once: not again on each path's first write
+    kv.configure(mount_point=vault.mount, delete_version_after="2h")
+    try:
+        assert len(store.setup_warnings()) == 1
+        with structlog.testing.capture_logs() as logs:
+            store.write_published("team/other", new_key(), store.read_published("team/other"))
+    finally:
+        kv.configure(mount_point=vault.mount, delete_version_after="0s")
+    assert [e for e in logs if e["event"] == "vault_version_expires"] == []
+
 
 def test_state_path_is_configurable(make_store: MakeStore, vault: VaultFixture) -> None:
     store = make_store(state_path="/ops/rotator/")
