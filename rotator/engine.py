@@ -129,6 +129,8 @@ SHARED_READS_MAX_AGE = timedelta(seconds=60)  # of a group or policy read, for o
 # How old the pass's key listing may be when an intent marker is written from it: a key made by
 # hand after the listing and before the marker could otherwise be taken for the marker's orphan.
 KEYS_FRESH_FOR = timedelta(seconds=1)
+# How many earlier versions of a published secret a restore looks through (Vault keeps 10).
+RESTORE_LOOKBACK = 10
 
 
 class _SharedReads:
@@ -320,6 +322,8 @@ class Engine:
         self._configured = frozenset(configured or ())
         self._unconfigured: dict[str, model.StoredState] | None = None if configured else {}
         self._scan_lock = threading.Lock()
+        # target -> (secret_path, version) of the published secret a restore was tried on
+        self._restore_tried: dict[str, tuple[str, int]] = {}
         self._scan_denied: str | None = None  # why the states could not be listed
         self._unlisted_warned: set[str] = set()
 
@@ -658,6 +662,8 @@ class Engine:
         if moved_from is not None:
             self._move_published(p, moved_from)
         decision = self._decide(p, force=force)
+        if decision.blocked and not self._dry_run and self._restore_published(p):
+            decision = self._decide(p, force=force)
         p.decision = decision
         untracked = _untracked_published(p.state, p.published, p.keys)
         if untracked is not None and any(
@@ -970,6 +976,70 @@ class Engine:
                 f"{current.key_id} retires after grace"
             ),
         )
+
+    def _restore_published(self, p: _Pass) -> bool:
+        """Blocked while the published secret holds no key of the user (deleted, or overwritten
+        with a wrong id): consumers fail until a slot frees. The current key still works and an
+        earlier version of the secret holds it: that version is verified and written back
+        (check-and-set), nothing deleted, the overwriting version kept in Vault's history.
+        Tried once for each version of the secret, so a failed try costs no attempt a pass."""
+        spec, current, published = p.spec, p.state.current, p.published
+        if p.state.pending is not None or current is None or published.version < 2:
+            return False
+        key = p.keys.get(current.key_id)
+        if key is None or key.status is not model.KeyStatus.ACTIVE:
+            return False
+        if published.access_key_id is not None and published.access_key_id in p.keys:
+            return False  # a key of the user: rolled back, or someone's choice; not undone
+        tried = (spec.secret_path, published.version)
+        if self._restore_tried.get(spec.name) == tried:
+            return False
+        restored = self._restore_from_history(p)
+        self._restore_tried[spec.name] = tried  # a definite answer (an error is tried again)
+        return restored
+
+    def _restore_from_history(self, p: _Pass) -> bool:
+        spec, current, published = p.spec, p.state.current, p.published
+        assert current is not None
+        oldest = max(1, published.version - RESTORE_LOOKBACK)
+        for version in range(published.version - 1, oldest - 1, -1):
+            found = self._store.read_published_secret(spec.secret_path, version)
+            if found is None or found[0] != current.key_id:
+                continue
+            self._check_stop(p)
+            result = self._iam.verify_key(current.key_id, found[1])
+            if result.outcome is not model.VerifyOutcome.VALID:
+                log.warning(
+                    "published_not_restored",
+                    target=spec.name,
+                    key_id=current.key_id,
+                    secret_path=spec.secret_path,
+                    from_version=version,
+                    reason=f"that version's secret did not authenticate ({result.detail})",
+                )
+                return False
+            self._check_stop(p)
+            p.published = self._store.write_published(
+                spec.secret_path, model.NewKey(current.key_id, found[1], current.created), published
+            )
+            p.actions.append(
+                f"restore_published {current.key_id}: version {published.version} of "
+                f"{spec.secret_path} held {_held(published)}; version {version}, which holds the "
+                f"current key, verified and written back as version {p.published.version}"
+            )
+            log.warning(
+                "published_restored",
+                target=spec.name,
+                key_id=current.key_id,
+                secret_path=spec.secret_path,
+                replaced_version=published.version,
+                replaced_key_id=published.access_key_id,
+                from_version=version,
+                version=p.published.version,
+                note="the secret held no key of the user and no slot was free for a new one",
+            )
+            return True
+        return False
 
     # --- state ---------------------------------------------------------------------------
 
@@ -1450,6 +1520,13 @@ def _owned(spec: TargetSpec, stored: model.StoredState) -> model.TargetState:
     before users were recorded gets it at its next write)."""
     _check_owner(spec, stored.state)
     return stored.state.replace(user=spec.user, secret_path=spec.secret_path)
+
+
+def _held(published: model.Published) -> str:
+    """What a published secret holds, for a message."""
+    if published.access_key_id is None:
+        return "no key (deleted)"
+    return f"{published.access_key_id}, not a key of the user"
 
 
 def _moved_from(p: _Pass) -> str | None:

@@ -77,9 +77,12 @@ class SecretStore(Protocol):
 
     def read_published(self, secret_path: str) -> model.Published: ...
 
-    def read_published_secret(self, secret_path: str) -> tuple[str, model.Secret] | None:
-        """The key id and secret published at ``secret_path`` (None: absent or incomplete).
-        Read only to move a target's published secret to a new path."""
+    def read_published_secret(
+        self, secret_path: str, version: int | None = None
+    ) -> tuple[str, model.Secret] | None:
+        """The key id and secret published at ``secret_path``, in its latest version or in
+        ``version`` (None: absent, deleted or incomplete). Read only to move a target's
+        published secret to a new path, or to restore it when it was overwritten."""
         ...
 
     def write_published(

@@ -411,8 +411,11 @@ class VaultStore:
             version=version,
         )
 
-    def read_published_secret(self, secret_path: str) -> tuple[str, model.Secret] | None:
-        data, _ = self._kv_read(secret_path.strip("/"), "read the published secret")
+    def read_published_secret(
+        self, secret_path: str, version: int | None = None
+    ) -> tuple[str, model.Secret] | None:
+        purpose = "read the published secret" + ("" if version is None else f" (v{version})")
+        data, _ = self._kv_read(secret_path.strip("/"), purpose, version=version)
         if data is None:
             return None
         key_id, secret = data.get("access_key_id"), data.get("secret_access_key")
@@ -589,15 +592,21 @@ class VaultStore:
 
     # --- KV v2 -------------------------------------------------------------------------------
 
-    def _kv_read(self, path: str, purpose: str) -> tuple[dict[str, Any] | None, int]:
-        """(data, version) of the latest version; (None, version) if it was deleted or
-        destroyed, so check-and-set can still write over it; (None, 0) if nothing is there."""
+    def _kv_read(
+        self, path: str, purpose: str, *, version: int | None = None
+    ) -> tuple[dict[str, Any] | None, int]:
+        """(data, version) of the latest version (or of ``version``); (None, version) if it was
+        deleted or destroyed, so check-and-set can still write over it; (None, 0) if nothing
+        is there."""
         op = _Op("read", f"{self._mount}/data/{path}", purpose)
 
         def call(client: Any) -> Any:
             try:
                 return client.secrets.kv.v2.read_secret_version(
-                    path=path, mount_point=self._mount, raise_on_deleted_version=True
+                    path=path,
+                    version=version,
+                    mount_point=self._mount,
+                    raise_on_deleted_version=True,
                 )
             except hvac.exceptions.InvalidPath as exc:
                 if _missing_route(exc):

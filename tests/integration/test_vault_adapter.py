@@ -354,6 +354,22 @@ def test_mount_settings_that_work_against_rotator_are_warned_of_and_a_denied_rea
     assert denied == []  # not granted: the check is skipped
 
 
+def test_an_earlier_version_of_the_published_secret_is_read_by_number(
+    store: VaultStore, vault: VaultFixture
+) -> None:
+    first, second = new_key("AKIAEXAMPLE0001"), new_key("AKIAEXAMPLE0002")
+    base = store.write_published("team/app", first, store.read_published("team/app"))
+    store.write_published("team/app", second, base)
+    vault.client().secrets.kv.v2.delete_secret_versions(
+        path="team/app", versions=[2], mount_point=vault.mount
+    )
+
+    assert store.read_published_secret("team/app", 1) == (first.key_id, first.secret)
+    assert store.read_published_secret("team/app", 2) is None  # deleted
+    assert store.read_published_secret("team/app") is None  # the latest is the deleted one
+    assert store.read_published_secret("team/app", 7) is None  # never written
+
+
 def test_a_path_whose_versions_vault_deletes_is_warned_of_once_on_its_first_write(
     store: VaultStore, vault: VaultFixture
 ) -> None:

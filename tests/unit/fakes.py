@@ -291,6 +291,8 @@ class FakeVault:
     writes: int = 0
     state_reads: int = 0
     published_history: list[str] = field(default_factory=list)
+    # every version written through write_published or by_hand (KV v2 keeps old versions)
+    published_versions: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     deny_list: bool = False  # a policy without `list` on the states
 
     def _check(self, mutating: bool = False) -> bool:
@@ -313,6 +315,14 @@ class FakeVault:
             return None
         return doc.data["access_key_id"], doc.data["secret_access_key"]
 
+    def by_hand(self, path: str, data: dict[str, Any] | None) -> None:
+        """A person writes ``data`` as a new version of the secret (None: a `kv delete`)."""
+        doc = self.published.get(path)
+        version = (doc.version if doc else 0) + (0 if data is None else 1)
+        self.published[path] = _Doc({} if data is None else dict(data), version)
+        if data is not None:
+            self.published_versions.setdefault(path, {})[version] = dict(data)
+
     def check(self) -> None:
         self._check()
 
@@ -329,9 +339,14 @@ class FakeVault:
             doc.version,
         )
 
-    def read_published_secret(self, secret_path: str) -> tuple[str, model.Secret] | None:
+    def read_published_secret(
+        self, secret_path: str, version: int | None = None
+    ) -> tuple[str, model.Secret] | None:
         self._check()
         doc = self.published.get(secret_path)
+        if doc is not None and version is not None and version != doc.version:
+            data = self.published_versions.get(secret_path, {}).get(version)
+            doc = None if data is None else _Doc(data, version)
         if doc is None:
             return None
         key_id, secret = doc.data.get("access_key_id"), doc.data.get("secret_access_key")
@@ -355,6 +370,7 @@ class FakeVault:
             "created_at": model.format_time(key.created),
         }
         self.published[secret_path] = _Doc(data, base.version + 1)
+        self.published_versions.setdefault(secret_path, {})[base.version + 1] = dict(data)
         self.published_history.append(key.key_id)
         if apply_then_crash:
             raise Crash("publish")

@@ -628,6 +628,102 @@ def test_a_published_secret_rolled_back_to_an_inactive_key_gets_a_fresh_key() ->
     assert w.vault.published_id(PATH) not in (None, first) and w.published_works()
 
 
+def rotated_twice_over(w: World) -> tuple[str, str]:
+    """A rotation: the (retiring, current) keys, both Active, the two slots taken."""
+    w.run()
+    old = w.vault.published_id(PATH)
+    w.clock.advance(minutes=10)
+    assert w.run().rotated
+    current = w.vault.published_id(PATH)
+    assert old is not None and current is not None and old != current
+    return old, current
+
+
+def test_a_secret_overwritten_with_a_wrong_key_while_no_slot_is_free_is_restored() -> None:
+    # consumers fail on the overwritten secret, and with both slots taken no new key can be
+    # made: the earlier version that holds the current key is verified and written back
+    w = World()
+    old, current = rotated_twice_over(w)
+    before = w.vault.published[PATH]
+    w.vault.by_hand(PATH, {**before.data, "access_key_id": "AKIAWRONG", "secret_access_key": "x"})
+    w.clock.advance(seconds=30)
+    assert not w.published_works()
+
+    with structlog.testing.capture_logs() as logs:
+        report = w.run()
+
+    assert report.ok and not report.blocked and not report.rotated, report
+    assert w.vault.published_id(PATH) == current and w.published_works()
+    assert w.vault.published[PATH].version == before.version + 2  # written over, not rolled back
+    assert w.vault.published_versions[PATH][before.version + 1]["access_key_id"] == "AKIAWRONG"
+    assert any(a.startswith(f"restore_published {current}") for a in report.actions)
+    restored = [e for e in logs if e["event"] == "published_restored"]
+    assert len(restored) == 1 and restored[0]["from_version"] == before.version
+    assert restored[0]["replaced_key_id"] == "AKIAWRONG"
+    keys = {k.key_id: k.status for k in w.iam.keys_of("watcher_1")}
+    assert keys == {old: model.KeyStatus.ACTIVE, current: model.KeyStatus.ACTIVE}  # no key made
+    published = w.vault.published_secret(PATH)
+    assert published is not None and published[1] not in repr(logs) + repr(report)
+
+
+def test_a_deleted_secret_with_no_earlier_version_of_the_current_key_stays_blocked() -> None:
+    # the version holding the current key is the deleted one: nothing to restore from (rotator
+    # may not undelete); blocked, and the history is looked through once, not every pass
+    w = World()
+    rotated_twice_over(w)
+    w.vault.by_hand(PATH, None)  # a `kv delete` of the latest version
+    w.clock.advance(seconds=30)
+
+    first = w.run()
+    attempts = dict(w.iam.verify_attempts)
+    w.clock.advance(seconds=30)
+    second = w.run()
+
+    assert first.blocked and second.blocked
+    assert first.blocked_reason is not None and "a new key is needed now" in first.blocked_reason
+    assert w.iam.verify_attempts == attempts  # no version held the current key: none verified
+    assert w.vault.published_id(PATH) is None
+
+
+def test_a_restore_whose_secret_fails_is_said_and_not_tried_again_for_that_version() -> None:
+    w = World()
+    _, current = rotated_twice_over(w)
+    doc = w.vault.published[PATH]
+    w.vault.published_versions[PATH][doc.version]["secret_access_key"] = "not-the-secret"
+    w.vault.by_hand(PATH, {**doc.data, "access_key_id": "AKIAWRONG"})
+    w.clock.advance(seconds=30)
+
+    with structlog.testing.capture_logs() as logs:
+        first = w.run()
+        w.clock.advance(seconds=30)
+        second = w.run()
+
+    assert first.blocked and second.blocked
+    assert w.iam.verify_attempts[current] == 2  # its own verification, then one restore try
+    said = [e for e in logs if e["event"] == "published_not_restored"]
+    assert len(said) == 1 and said[0]["key_id"] == current
+    assert w.vault.published_id(PATH) == "AKIAWRONG"  # nothing unverified is written
+
+
+def test_a_secret_holding_another_key_of_the_user_is_not_restored_over() -> None:
+    # a key of the user (a hand-made one published on purpose) is someone's choice: kept
+    w = World(dataclasses.replace(SPEC, policy=dataclasses.replace(POLICY, max_keys=3)))
+    w.iam.quota = 3
+    rotated_twice_over(w)
+    hand = w.iam.create_key("watcher_1")
+    doc = w.vault.published[PATH]
+    w.vault.by_hand(
+        PATH,
+        {**doc.data, "access_key_id": hand.key_id, "secret_access_key": hand.secret.reveal()},
+    )
+    w.clock.advance(seconds=30)
+
+    report = w.run()
+
+    assert w.vault.published_id(PATH) == hand.key_id
+    assert not any(a.startswith("restore_published") for a in report.actions)
+
+
 def configured_as(w: World, *specs: engine.TargetSpec) -> None:
     """A new process whose config names ``specs`` (and no other target)."""
     w.engine = engine.Engine(w.iam, w.vault, w.clock, configured=[s.name for s in specs])
