@@ -129,6 +129,9 @@ SHARED_READS_MAX_AGE = timedelta(seconds=60)  # of a group or policy read, for o
 # How old the pass's key listing may be when an intent marker is written from it: a key made by
 # hand after the listing and before the marker could otherwise be taken for the marker's orphan.
 KEYS_FRESH_FOR = timedelta(seconds=1)
+# The share of a lease's TTL after its last renewal the holder still trusts it (the rest is a
+# margin for the clocks of the replicas and the time a change takes).
+LEASE_TRUSTED_FOR = 0.8
 # How many earlier versions of a published secret a restore looks through (Vault keeps 10).
 RESTORE_LOOKBACK = 10
 
@@ -194,6 +197,12 @@ class _Lease:
         self.renew_at = time.monotonic() + ttl / 3
         self.busy = threading.Lock()  # held while a renewal is in flight
         self.dropped = False
+
+    def expired(self) -> bool:
+        """No renewal for most of the TTL (the renewer stuck on a call, or starved): another
+        replica may take the lease soon, so it counts as lost before it is."""
+        renewed = self.renew_at - self.ttl / 3
+        return time.monotonic() - renewed > self.ttl * LEASE_TRUSTED_FOR
 
 
 class _Renewer:
@@ -324,6 +333,8 @@ class Engine:
         self._scan_lock = threading.Lock()
         # target -> (secret_path, version) of the published secret a restore was tried on
         self._restore_tried: dict[str, tuple[str, int]] = {}
+        # target -> (pending key, attempts) as this engine last counted them
+        self._attempts_made: dict[str, tuple[str, int]] = {}
         self._scan_denied: str | None = None  # why the states could not be listed
         self._unlisted_warned: set[str] = set()
 
@@ -661,6 +672,9 @@ class Engine:
         moved_from = _moved_from(p)
         if moved_from is not None:
             self._move_published(p, moved_from)
+        stale = rotation.stale_pending(list(p.keys.values()), p.state, p.published.access_key_id)
+        if stale is not None:
+            raise errors.StateStale(f"target {p.spec.name}: {stale}")
         decision = self._decide(p, force=force)
         if decision.blocked and not self._dry_run and self._restore_published(p):
             decision = self._decide(p, force=force)
@@ -757,6 +771,9 @@ class Engine:
             )
 
     def _delete_key(self, p: _Pass, key_id: str, reason: str) -> None:
+        # a lease lost during the call before (a verification) may mean another replica has
+        # published this very key since: stop before deleting anything
+        self._check_stop(p)
         self._guard(p, key_id)
         with contextlib.suppress(errors.EimNoSuchEntity):  # already gone: the goal is reached
             self._iam.delete_key(p.spec.user, key_id)
@@ -769,7 +786,17 @@ class Engine:
         # orphan: a listing seconds old (a lease waited for, a slow Vault) is taken again.
         listed_at = p.keys_listed_at
         if listed_at is None or self._clock.now() - listed_at > KEYS_FRESH_FOR:
+            before = set(p.keys)
             self._observe_keys(p)
+            if len(p.keys) >= spec.policy.max_keys:  # a key made meanwhile took the free slot
+                appeared = ", ".join(sorted(set(p.keys) - before)) or "none"
+                p.blocked = (
+                    f"no free key slot: {len(p.keys)} keys of max_keys {spec.policy.max_keys} "
+                    f"when the key was about to be made (appeared since the pass began: "
+                    f"{appeared}); the next pass looks again"
+                )
+                log.warning("rotation_blocked", target=spec.name, reason=p.blocked)
+                return
         now = self._clock.now()
         # The intent must be durable before the key exists, or a crash would leak the key.
         p.state = p.state.replace(intent=model.Intent(now, tuple(p.keys)))
@@ -789,6 +816,7 @@ class Engine:
                 self._settle_intent(p, refused=_refused(exc))
             raise
         log.info("key_created", target=spec.name, key_id=new.key_id, reason=reason)
+        self._attempts_made[spec.name] = (new.key_id, 0)
         p.keys[new.key_id] = model.AccessKey(new.key_id, model.KeyStatus.ACTIVE, new.created)
         p.state = p.state.replace(
             intent=None,
@@ -797,6 +825,7 @@ class Engine:
                 secret=new.secret,
                 created=new.created,
                 replaces=p.published.access_key_id,
+                made_at=self._clock.now(),
             ),
         ).remember_created(new.key_id)
         try:
@@ -854,7 +883,15 @@ class Engine:
                 self._publish(p, pending)
                 return
             now = self._clock.now()
-            wait = (rotation.next_verify_at(pending) - now).total_seconds()
+            at = rotation.next_verify_at(pending)
+            if self._attempts_made.get(spec.name) != (pending.key_id, pending.attempts):
+                # counted by another process (a crash, a restart, a replica): one more attempt
+                # may have been made after the count was written, maybe just now; OUTSCALE's
+                # lock-out counts it, so the waits allow for it from here on
+                at = max(at, now + rotation.verify_delay(pending.attempts + 1))
+                pending = dataclasses.replace(pending, uncounted=True)
+                p.state = p.state.replace(pending=pending)
+            wait = (at - now).total_seconds()
             if wait > 0 and self._clock.wait(wait):
                 raise Stopped
             self._check_stop(p)
@@ -863,6 +900,7 @@ class Engine:
             pending = dataclasses.replace(
                 pending, attempts=pending.attempts + 1, last_attempt_at=now, verified_at=None
             )
+            self._attempts_made[spec.name] = (pending.key_id, pending.attempts)
             judgement = rotation.judge_verification(pending, result, spec.policy, now)
             log.info(
                 "key_verification",
@@ -906,7 +944,9 @@ class Engine:
             p.published = self._store.write_published(spec.secret_path, key, base)
         except errors.VaultConflict:
             # someone edited the secret since we read it: keep their fields, write again once
+            # (unless the lease was lost meanwhile: then it may be another replica's publish)
             base = self._store.read_published(spec.secret_path)
+            self._check_stop(p)
             p.published = self._store.write_published(spec.secret_path, key, base)
         now = self._clock.now()
         old = p.state.current
@@ -1089,7 +1129,7 @@ class Engine:
         """Called before every mutating step: stop requested, or the lease lost, ends the pass."""
         if self._clock.wait(0):
             raise Stopped
-        if p is not None and p.lease is not None and p.lease.lost.is_set():
+        if p is not None and p.lease is not None and (p.lease.lost.is_set() or p.lease.expired()):
             raise errors.LockError(
                 f"lost the lock of target {p.spec.name} (Vault slow or unreachable?): "
                 "stopping before the next change; the next pass continues"

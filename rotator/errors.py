@@ -111,6 +111,11 @@ class StateSchemaError(VaultError):
     """
 
 
+class StateStale(VaultError):
+    """The state is older than what IAM and the published secret show (rolled back by hand):
+    acting on it would publish an older key over a newer one. Permanent: the operator decides."""
+
+
 class StateDeleted(StateSchemaError):
     """The latest version of a state was deleted or destroyed (``kv delete``, or Vault's
     ``delete_version_after``). Permanent, as an unknown schema: taken for "no state", the keys

@@ -289,6 +289,17 @@ class PendingKey:
     last_attempt_at: datetime | None = None
     verified_at: datetime | None = None  # it authenticated; only the publish is left to do
     replaces: str | None = None  # the key published when this one was made (it gets a grace)
+    # rotator's clock when CreateAccessKey returned (None: written by an older rotator);
+    # ``created`` is IAM's date, whose clock may be off rotator's: verify_timeout counts from it
+    made_at: datetime | None = None
+    # an attempt may have been made that ``attempts`` does not count (a process that ended in
+    # it): the verification waits as if either count were right (rotation.verify_delay)
+    uncounted: bool = False
+
+    @property
+    def verify_from(self) -> datetime:
+        """When the verification window opened, on rotator's clock when known."""
+        return self.made_at or self.created
 
 
 @dataclass(frozen=True)
@@ -383,6 +394,8 @@ class TargetState:
                 "last_attempt_at": _fmt_opt(self.pending.last_attempt_at),
                 "verified_at": _fmt_opt(self.pending.verified_at),
                 "replaces": self.pending.replaces,
+                "made_at": _fmt_opt(self.pending.made_at),
+                "uncounted": self.pending.uncounted,
             }
         )
         doc["intent"] = (
@@ -417,7 +430,7 @@ class TargetState:
     def from_document(cls, doc: Mapping[str, Any]) -> TargetState:
         """Parse a state document; an unknown or missing schema is a permanent error."""
         schema = doc.get("schema")
-        if schema != STATE_SCHEMA:
+        if type(schema) is not int or schema != STATE_SCHEMA:  # not true, not 1.0
             raise errors.StateSchemaError(
                 f"rotator state has schema {schema!r}, this rotator understands schema "
                 f"{STATE_SCHEMA}: upgrade rotator, or move the state away if it is not rotator's"
@@ -457,6 +470,8 @@ class TargetState:
                     last_attempt_at=_opt_time(pen.get("last_attempt_at")),
                     verified_at=_opt_time(pen.get("verified_at")),
                     replaces=str(pen["replaces"]) if pen.get("replaces") else None,
+                    made_at=_opt_time(pen.get("made_at")),
+                    uncounted=pen.get("uncounted") is True,
                 ),
                 intent=None
                 if not intent

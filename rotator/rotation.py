@@ -15,7 +15,8 @@ Transition table (what :func:`decide` plans, in this order; "state" means the ro
 =====================  ==================================================  ===================
 action                 when                                                effect
 =====================  ==================================================  ===================
-DROP_PENDING           pending key no longer in IAM                        state: pending=None
+DROP_PENDING           pending key no longer in IAM, or made Inactive      state: pending=None
+                       outside rotator before its publish (then deleted)
 PROMOTE_PENDING        pending key is already the published one (crash     state: pending ->
                        between publish and the state write)                current, old current
                                                                            -> retiring
@@ -207,6 +208,15 @@ def decide(
     if pending is not None:
         if pending.key_id not in by_id:
             actions.append(Action(ActionKind.DROP_PENDING, "pending key no longer in IAM"))
+        elif pending.key_id != published_id and not _works(by_id, pending.key_id):
+            # made Inactive by someone before it was published (a suspected leak of the state):
+            # never published, whatever an earlier verification said; a fresh key replaces it
+            actions.append(Action(ActionKind.DROP_PENDING, "pending key was made Inactive"))
+            delete(
+                ActionKind.DELETE_ORPHAN,
+                pending.key_id,
+                "pending key was made Inactive outside rotator before it was published",
+            )
         elif pending.key_id == published_id:
             in_flight = True
             if pending.replaces:  # promote() gives it a full grace from now: not retired now
@@ -255,7 +265,13 @@ def decide(
 
     # 5. retire; while the published key does not work (made Inactive or deleted outside
     # rotator) a retiring key may be the last one that does: it stays Active until one is again
-    published_works = _works(by_id, published_id)
+    # (a secret deleted, or holding no key of the user, is no such case: consumers that read it
+    # before hold the current key, which works; the retiring ones had their grace)
+    published_works = _works(by_id, published_id) or (
+        published_id not in by_id
+        and state.current is not None
+        and _works(by_id, state.current.key_id)
+    )
     for retiring in state.retiring:
         retiring_key = by_id.get(retiring.key_id)
         if retiring_key is None:
@@ -316,6 +332,33 @@ def decide(
         return Decision(tuple(actions), due_reason, next_due, foreign, blocked)
     actions.append(Action(ActionKind.CREATE_KEY, due_reason))
     return Decision(tuple(actions), due_reason, next_due, foreign)
+
+
+def stale_pending(
+    keys: Sequence[model.AccessKey], state: model.TargetState, published_id: str | None
+) -> str | None:
+    """Why the state's pending key must not be published (None: it may): the secret holds a
+    newer key than it, which the state does not know of. A state rolled back to a version
+    written during an old rotation looks so; publishing would put an older key back in front
+    of consumers and leave the newer one foreign, Active for ever."""
+    pending = state.pending
+    if pending is None or published_id is None or published_id in state.tracked_ids():
+        return None
+    if published_id == pending.replaces:
+        return None
+    by_id = {k.key_id: k for k in keys}
+    published = by_id.get(published_id)
+    if published is None or published.created <= pending.created:
+        return None
+    return (
+        f"the state's pending key {pending.key_id} (made {model.format_time(pending.created)}) "
+        f"is older than the published key {published_id} (made "
+        f"{model.format_time(published.created)}), which the state does not track: the state "
+        "looks rolled back, or the key was published by hand during the rotation. rotator will "
+        "not publish the older key over it. Put the latest version of the state back (`bao kv "
+        "rollback`); or, if the published key is to stay, delete the pending key by hand: the "
+        "next pass forgets it"
+    )
 
 
 def retire_deadline(retiring: model.RetiringKey, policy: Policy) -> datetime:
@@ -492,13 +535,15 @@ def next_due(state: model.TargetState, policy: Policy) -> datetime | None:
     return due
 
 
-def verify_delay(attempts: int) -> timedelta:
+def verify_delay(attempts: int, *, uncounted: bool = False) -> timedelta:
     """The wait before the next verification attempt, after ``attempts`` failed ones.
 
     OUTSCALE blocks a key for a minute after four failed signatures in a row, and a minute
     more for every four more (ten at most); an attempt inside the block fails whatever the
     key, and a key that has propagated would be given up. So after each fourth failure the
     wait outlasts the block."""
+    if uncounted:  # one more attempt may have been made: the longer of both waits
+        return max(verify_delay(attempts), verify_delay(attempts + 1))
     if attempts <= 0:
         return timedelta(0)
     delay: timedelta = min(VERIFY_FIRST_DELAY * (2 ** min(attempts - 1, 16)), VERIFY_MAX_DELAY)
@@ -522,8 +567,8 @@ def verify_attempts(policy: Policy) -> int:
 def next_verify_at(pending: model.PendingKey) -> datetime:
     """When the pending key may be tried again (at once if it was never tried)."""
     if pending.last_attempt_at is None:
-        return pending.created
-    return pending.last_attempt_at + verify_delay(pending.attempts)
+        return pending.verify_from
+    return pending.last_attempt_at + verify_delay(pending.attempts, uncounted=pending.uncounted)
 
 
 def judge_verification(
@@ -535,10 +580,10 @@ def judge_verification(
     """After an attempt (already counted in ``pending.attempts``): publish, retry, or give up."""
     if result.outcome is model.VerifyOutcome.VALID:
         return VerifyJudgement(Verdict.PUBLISH, reason="the new key authenticated")
-    retry_at = now + verify_delay(pending.attempts)
+    retry_at = now + verify_delay(pending.attempts, uncounted=pending.uncounted)
     if (
         pending.attempts >= MAX_VERIFY_ATTEMPTS
-        or retry_at > pending.created + policy.verify_timeout
+        or retry_at > pending.verify_from + policy.verify_timeout
     ):
         return VerifyJudgement(
             Verdict.GIVE_UP,

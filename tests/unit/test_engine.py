@@ -1296,7 +1296,8 @@ def test_a_create_whose_answer_is_lost_with_iam_still_away_keeps_the_marker() ->
 
 
 def test_a_key_made_by_hand_while_the_pass_waited_is_never_the_orphan_of_its_marker() -> None:
-    w = World()
+    w = World(dataclasses.replace(SPEC, policy=dataclasses.replace(POLICY, max_keys=3)))
+    w.iam.quota = 3  # a slot is still free once the hand key is made
     lock = FakeLock(w.clock)
     w.engine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="a")
     w.run()
@@ -1317,13 +1318,13 @@ def test_a_key_made_by_hand_while_the_pass_waited_is_never_the_orphan_of_its_mar
 
     lock.acquire = slow_acquire  # type: ignore[method-assign]
     w.iam.create_key = lost  # type: ignore[method-assign]
-    assert not w.engine.run_pass(SPEC, force=True).ok
+    assert not w.engine.run_pass(w.spec, force=True).ok
     intent = markers[0]
     assert intent is not None and made[0] in intent.existing_ids
     lock.acquire = real_acquire  # type: ignore[method-assign]
     w.iam.create_key = real_create  # type: ignore[method-assign]
     w.clock.advance(seconds=30)
-    w.engine.run_pass(SPEC)
+    w.engine.run_pass(w.spec)
     assert made[0] in [k.key_id for k in w.iam.keys_of("watcher_1")]
 
 
