@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -141,6 +142,22 @@ class _Lease:
         )
 
 
+# How long a refused login's credential is not sent again (by refusals in a row, unless it
+# changes): Vault's lock-out (OpenBao: 5 refusals in 15 minutes lock the role for 15) is never
+# reached, and a new secret id or JWT written to its file is tried at once.
+LOGIN_HOLDS = (60.0, 300.0, 900.0)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A refused login: what it sent, until when that is not sent again, why it was refused."""
+
+    credential: model.Secret
+    until: float  # time.monotonic()
+    count: int  # refusals in a row of this credential
+    message: str
+
+
 @dataclass(frozen=True)
 class _Held:
     """This store's own last write to a lock: who wrote it, its KV version, until when."""
@@ -207,6 +224,7 @@ class VaultStore:
         self._leases: dict[str, _Held] = {}  # target -> this store's last write to its lock
         self._leases_lock = threading.Lock()
         self._expiring: set[str] = set()  # paths whose written version Vault will delete: warned
+        self._refused: _Refused | None = None  # the last refused login, while it holds
         self._mount_expires = False  # setup_warnings() saw delete_version_after on the mount
         if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
@@ -247,15 +265,29 @@ class VaultStore:
             if not first:
                 log.info("vault_token_reloaded", reason=reason)
             return True
+        credential = _login_credential(auth)
+        held = self._refused
+        if held is not None and held.credential == credential and time.monotonic() < held.until:
+            # Vault locks the role out after a few refused logins in a row (OpenBao: 5 in
+            # 15 min, then 15 min): the same credential is not sent again before the hold ends
+            raise errors.VaultDenied(
+                f"{held.message} (not tried again with the same "
+                f"{'secret_id' if isinstance(auth, AppRoleAuth) else 'token'} for "
+                f"{held.until - time.monotonic():.0f}s, nor sooner unless it changes)"
+            )
         try:
-            response = _login_request(self._login_client, auth)
+            response = _login_request(self._login_client, auth, credential)
         except (
             hvac.exceptions.Forbidden,
             hvac.exceptions.Unauthorized,
             hvac.exceptions.InvalidRequest,
             hvac.exceptions.InvalidPath,
         ) as exc:
-            raise self._login_refused(auth, exc) from exc
+            count = 1 if held is None or held.credential != credential else held.count + 1
+            refused = self._login_refused(auth, exc, again=count > 1)
+            hold = LOGIN_HOLDS[min(count, len(LOGIN_HOLDS)) - 1]
+            self._refused = _Refused(credential, time.monotonic() + hold, count, str(refused))
+            raise refused from exc
         except (hvac.exceptions.VaultError, requests.RequestException) as exc:
             op = _Op("update", f"auth/{auth.mount}/login", f"log in with {_method(auth)}")
             raise _translate(op, exc, self._address, self._token_source()) from exc
@@ -267,6 +299,7 @@ class VaultStore:
                 f"no token: {_login_fix(auth)}"
             )
         self._set_token(model.Secret(issued))
+        self._refused = None
         log.info(
             "vault_login" if first else "vault_relogin",
             method=_method(auth),
@@ -705,6 +738,10 @@ class VaultStore:
             return self._attempt(op, call)
         except _Forbidden as denied:
             rejected = denied.cause
+        # A token Vault still knows was denied by a policy: a fresh login (a use of the secret
+        # id, a new token left behind) would be denied the same.
+        if op.path != "auth/token/lookup-self" and self._token is used and self._token_valid():
+            raise self._forbidden(op, rejected, relogged=False, token_valid=True) from rejected
         if not self._relogin(replacing=used, reason="token rejected"):
             raise self._forbidden(op, rejected, relogged=False) from rejected
         try:
@@ -767,10 +804,16 @@ class VaultStore:
         return True
 
     def _forbidden(
-        self, op: _Op, exc: hvac.exceptions.Forbidden, *, relogged: bool
+        self,
+        op: _Op,
+        exc: hvac.exceptions.Forbidden,
+        *,
+        relogged: bool,
+        token_valid: bool | None = None,
     ) -> errors.VaultDenied:
         """A 403 means a bad token or a policy that does not grant the path: tell which."""
-        token_valid = False if op.path == "auth/token/lookup-self" else self._token_valid()
+        if token_valid is None:
+            token_valid = False if op.path == "auth/token/lookup-self" else self._token_valid()
         if token_valid is False:
             again = ""
             if relogged:
@@ -792,12 +835,19 @@ class VaultStore:
         )
 
     def _login_refused(
-        self, auth: AppRoleAuth | KubernetesAuth, exc: hvac.exceptions.VaultError
+        self, auth: AppRoleAuth | KubernetesAuth, exc: hvac.exceptions.VaultError, *, again: bool
     ) -> errors.VaultDenied:
         if _missing_route(exc):
             fix = f"no auth method is enabled at auth/{auth.mount}: enable it or fix its mount"
         else:
             fix = _login_fix(auth)
+            if again:  # a login refused before this one (other rotators may share the role)
+                fix += (
+                    "; after several refused logins Vault refuses every login of the role for a "
+                    "while, even a good one (OpenBao: 15 min after 5): `bao read "
+                    "sys/locked-users` shows it, `bao write sys/locked-users/<auth mount "
+                    "accessor>/unlock/<role_id or service account>` lifts it"
+                )
         return errors.VaultDenied(
             f"{_method(auth)} login at auth/{auth.mount}/login on {self._address} was refused "
             f"({_vault_said(exc)}): {fix}"
@@ -841,17 +891,24 @@ def _go_seconds(value: object) -> float:
     )
 
 
-def _login_request(client: Any, auth: AppRoleAuth | KubernetesAuth) -> Any:
+def _login_credential(auth: AppRoleAuth | KubernetesAuth) -> model.Secret:
+    """The secret id or JWT a login sends now (re-read from its file)."""
+    return auth.current_secret_id() if isinstance(auth, AppRoleAuth) else auth.current_jwt()
+
+
+def _login_request(
+    client: Any, auth: AppRoleAuth | KubernetesAuth, credential: model.Secret
+) -> Any:
     """POST the login; the token is taken from the answer, never kept in ``client``."""
     if isinstance(auth, AppRoleAuth):
         return client.auth.approle.login(
             role_id=auth.role_id,
-            secret_id=auth.current_secret_id().reveal(),
+            secret_id=credential.reveal(),
             use_token=False,
             mount_point=auth.mount,
         )
     return client.auth.kubernetes.login(
-        role=auth.role, jwt=auth.current_jwt().reveal(), use_token=False, mount_point=auth.mount
+        role=auth.role, jwt=credential.reveal(), use_token=False, mount_point=auth.mount
     )
 
 

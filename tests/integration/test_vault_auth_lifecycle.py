@@ -29,6 +29,7 @@ import structlog
 from structlog.types import EventDict, WrappedLogger
 
 from rotator import config, errors, log, model
+from rotator.adapters import vault as vault_adapter
 from rotator.adapters.vault import AppRoleAuth, KubernetesAuth, TokenAuth, VaultStore
 from tests.support import kubernetes_standin
 from tests.support.kubernetes_standin import ServiceAccount, TokenReviewStandIn
@@ -408,6 +409,59 @@ def test_approle_token_expired_between_refreshes_is_replaced_on_the_next_call(
     logs.assert_never_shows([first, current_token(store), source.value])
 
 
+def test_a_policy_denial_with_a_valid_approle_token_makes_no_new_login(
+    vault: VaultFixture, make_store: MakeStore, logs: Logs, approle: AppRole
+) -> None:
+    # a new login per denied call used up a secret id's uses and left tokens behind; the error
+    # then turned into a refused login, hiding the missing grant
+    source = SecretSource(approle.new_secret_id())
+    store = make_store(auth=AppRoleAuth(approle.role_id, source, mount=approle.mount))
+    use(store)
+    for _ in range(3):
+        with pytest.raises(errors.VaultDenied) as denied:
+            store.list_states()  # the role's policy grants no `list`
+        assert "denied `list`" in str(denied.value)
+
+    assert source.reads == [source.value]  # one login, the first
+    assert logs.named("vault_relogin") == []
+
+
+def test_a_refused_approle_login_is_not_sent_again_until_the_secret_id_changes(
+    vault: VaultFixture,
+    make_store: MakeStore,
+    logs: Logs,
+    approle: AppRole,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # OpenBao locks a role out for 15 min after 5 refused logins: a good secret id written
+    # then would be refused too. Every call and readiness check logged in again.
+    used_up = approle.new_secret_id()
+    approle.destroy(used_up)
+    source = SecretSource(used_up)
+    store = make_store(auth=AppRoleAuth(approle.role_id, source, mount=approle.mount))
+    sent: list[str] = []
+    real = vault_adapter._login_request
+
+    def counted(client: Any, auth: Any, credential: model.Secret) -> Any:
+        sent.append(credential.reveal())
+        return real(client, auth, credential)
+
+    monkeypatch.setattr(vault_adapter, "_login_request", counted)
+    messages = []
+    for _ in range(6):
+        with pytest.raises(errors.VaultDenied) as refused:
+            store.check()
+        messages.append(str(refused.value))
+
+    assert sent == [used_up]  # sent once, held since
+    assert "was refused" in messages[0] and "not tried again" in messages[-1]
+    source.value = approle.new_secret_id()  # the operator writes a new one: tried at once
+    store.check()
+    use(store)
+    assert sent == [used_up, source.value]
+    logs.assert_never_shows([used_up, source.value, current_token(store)])
+
+
 def test_refresh_from_another_thread_while_calls_run_never_breaks_a_call(
     vault: VaultFixture, make_store: MakeStore, logs: Logs, approle: AppRole
 ) -> None:
@@ -535,7 +589,7 @@ def test_kubernetes_renewal_refused_for_a_revoked_service_account_token_logs_in_
     use(store)
     first = current_token(store)
     # the old service account token is revoked and a new one mounted: OpenBao's renewal reviews
-    # the old one again and refuses, so the renewal's 403 makes rotator log in with the new one
+    # the old one again and refuses, so the refused renewal makes rotator log in with the new one
     kubernetes.mount_jwt(second_jwt)
     kubernetes.stand_in.revoke(first_jwt)
 
@@ -543,9 +597,10 @@ def test_kubernetes_renewal_refused_for_a_revoked_service_account_token_logs_in_
     use(store)
 
     assert current_token(store) != first
-    assert kubernetes.stand_in.reviews() == [first_jwt, first_jwt, second_jwt, second_jwt]
-    assert [e["reason"] for e in logs.named("vault_relogin")] == ["token rejected"]
-    assert [e["ttl"] for e in logs.named("vault_token_renewed")] == [2]
+    # the token itself is still valid (lookup-self): the refused renewal leads to one login
+    assert kubernetes.stand_in.reviews() == [first_jwt, first_jwt, second_jwt]
+    assert [e["reason"] for e in logs.named("vault_relogin")] == ["renewal refused"]
+    assert logs.named("vault_token_renewed") == []  # the fresh login has a full TTL
     logs.assert_never_shows([first, current_token(store), first_jwt, second_jwt])
 
 
