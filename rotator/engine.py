@@ -726,6 +726,30 @@ class Engine:
             self._delete_key(p, key_id, action.reason)
             if action.kind is kind.DELETE_RETIRED:
                 p.state = rotation.forget_retiring(p.state, key_id)
+        elif action.kind is kind.QUARANTINE_ORPHAN:
+            assert key_id is not None
+            self._guard(p, key_id)
+            if p.keys[key_id].status is model.KeyStatus.ACTIVE:
+                self._iam.set_key_status(spec.user, key_id, model.KeyStatus.INACTIVE)
+                p.keys[key_id] = model.AccessKey(
+                    key_id, model.KeyStatus.INACTIVE, p.keys[key_id].created
+                )
+            p.state = rotation.quarantined(p.state, key_id, spec.policy, now)
+            held = p.state.retiring[-1]
+            assert held.delete_at is not None
+            log.warning(
+                "key_quarantined",
+                target=spec.name,
+                key_id=key_id,
+                reason=action.reason,
+                delete_at=model.format_time(held.delete_at),
+                note=f"if {key_id} is yours (made by hand while rotator was interrupted), make "
+                f"it Active again before then: rotator then leaves it alone",
+            )
+        elif action.kind is kind.RELEASE_ORPHAN:
+            assert key_id is not None
+            p.state = rotation.forget_gone(p.state, key_id)
+            log.warning("key_released", target=spec.name, key_id=key_id, reason=action.reason)
         elif action.kind is kind.CLEAR_INTENT:
             p.state = p.state.replace(intent=None)
         elif action.kind is kind.REINSTATE:

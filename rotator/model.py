@@ -276,6 +276,10 @@ class RetiringKey:
     deactivated_at: datetime | None = None
     delete_at: datetime | None = None
     since: datetime | None = None
+    # taken for the orphan of an interrupted rotation (its secret lost): held Inactive a while
+    # before it is deleted, in case it is someone's key made at that moment; made Active again
+    # by someone, it is theirs: released, left alone as foreign
+    orphan: bool = False
 
 
 @dataclass(frozen=True)
@@ -380,6 +384,7 @@ class TargetState:
                 "deactivated_at": _fmt_opt(r.deactivated_at),
                 "delete_at": _fmt_opt(r.delete_at),
                 "since": _fmt_opt(r.since),
+                **({"orphan": True} if r.orphan else {}),
             }
             for r in self.retiring
         ]
@@ -457,6 +462,7 @@ class TargetState:
                         deactivated_at=_opt_time(r.get("deactivated_at")),
                         delete_at=_opt_time(r.get("delete_at")),
                         since=_opt_time(r.get("since")),
+                        orphan=r.get("orphan") is True,
                     )
                     for r in doc.get("retiring") or ()
                 ),

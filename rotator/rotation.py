@@ -24,9 +24,10 @@ RESOLVE_PENDING        pending key in IAM, not published                   verif
                                                                            publish + promote;
                                                                            NOT_YET: retry at
                                                                            backoff or delete
-DELETE_ORPHAN          the one key created within INTENT_WINDOW after an   IAM: delete
-                       intent marker (or MAX_CLOCK_SKEW before it), not
-                       listed before it nor tracked (secret lost in a crash)
+QUARANTINE_ORPHAN      the one key created within INTENT_WINDOW after an   IAM: Inactive; state:
+                       intent marker (or MAX_CLOCK_SKEW before it), not    retiring (orphan),
+                       listed before it nor tracked (secret lost in a      delete_at=now+hold
+                       crash; or someone's key made then: hence the hold)
 DELETE_ORPHAN          key this rotator created that is no longer          IAM: delete
                        current, pending nor retiring
 CLEAR_INTENT           an intent marker with no pending key                state: intent=None
@@ -38,6 +39,8 @@ REINSTATE              the published secret holds a retiring key (a KV    state:
 DEACTIVATE             retiring key Active and now >= retire_at, while     IAM: Inactive; state:
                        the published key is Active (else it may be the     delete_at=now+inactive
                        last working key: kept Active)
+RELEASE_ORPHAN         a quarantined orphan made Active again by someone   state: forgotten
+                       (it is theirs)                                      (foreign from now)
 REGRACE                retiring key rotator made Inactive, Active again    state: retire_at=
                        (someone undid it: a rollback)                      now+grace
 SCHEDULE_DELETE        retiring key Inactive but no delete_at (someone     state: delete_at=
@@ -85,6 +88,10 @@ INTENT_WINDOW = timedelta(minutes=5)
 # marker's started_at rotator's, so an orphan can look older than its marker by that much.
 # The keys listed before the marker (``existing_ids``) are excluded whatever their dates.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+# How long an intent's orphan is held Inactive before it is deleted (the target's
+# inactive_period when shorter): a key made by hand in the window would otherwise be deleted
+# at once; made Active again meanwhile, it is released.
+ORPHAN_HOLD = timedelta(minutes=10)
 FAILURE_BACKOFF_MAX = timedelta(hours=1)
 
 
@@ -105,6 +112,8 @@ class ActionKind(enum.StrEnum):
     PROMOTE_PENDING = "promote_pending"
     RESOLVE_PENDING = "resolve_pending"
     DELETE_ORPHAN = "delete_orphan"
+    QUARANTINE_ORPHAN = "quarantine_orphan"
+    RELEASE_ORPHAN = "release_orphan"
     CLEAR_INTENT = "clear_intent"
     FORGET_RETIRED = "forget_retired"
     REINSTATE = "reinstate"
@@ -120,6 +129,7 @@ MUTATING = frozenset(
     {
         ActionKind.RESOLVE_PENDING,
         ActionKind.DELETE_ORPHAN,
+        ActionKind.QUARANTINE_ORPHAN,
         ActionKind.DEACTIVATE,
         ActionKind.DELETE_RETIRED,
         ActionKind.CREATE_KEY,
@@ -247,12 +257,15 @@ def decide(
         ]
         # One intent creates at most one key: with two candidates one is someone else's and
         # they cannot be told apart, so none is deleted (both stay, counted as foreign).
-        if len(candidates) == 1:
+        if len(candidates) == 1 and candidates[0] not in protected:
             orphans_of_intent.add(candidates[0])
-            delete(
-                ActionKind.DELETE_ORPHAN,
-                candidates[0],
-                "created by an interrupted rotation; its secret was never stored",
+            actions.append(
+                Action(
+                    ActionKind.QUARANTINE_ORPHAN,
+                    "created by an interrupted rotation, its secret never stored (or made by "
+                    "hand at that moment): Inactive now, deleted after a hold",
+                    candidates[0],
+                )
             )
         actions.append(Action(ActionKind.CLEAR_INTENT, "no rotation in flight"))
     for key in keys:
@@ -277,6 +290,15 @@ def decide(
         if retiring_key is None:
             actions.append(
                 Action(ActionKind.FORGET_RETIRED, "retiring key no longer in IAM", retiring.key_id)
+            )
+        elif retiring.orphan and retiring_key.status is model.KeyStatus.ACTIVE:
+            actions.append(
+                Action(
+                    ActionKind.RELEASE_ORPHAN,
+                    "taken for an interrupted rotation's orphan, made Active again by someone: "
+                    "theirs, left alone as foreign",
+                    retiring.key_id,
+                )
             )
         elif retiring.key_id in protected:
             continue  # the published key is never retired, whatever the state says
@@ -372,8 +394,8 @@ def retire_deadline(retiring: model.RetiringKey, policy: Policy) -> datetime:
 def delete_deadline(retiring: model.RetiringKey, policy: Policy) -> datetime | None:
     """When an Inactive retiring key may be deleted (None: not scheduled): as above, for
     inactive_period counted from the deactivation."""
-    if retiring.delete_at is None or retiring.deactivated_at is None:
-        return retiring.delete_at
+    if retiring.delete_at is None or retiring.deactivated_at is None or retiring.orphan:
+        return retiring.delete_at  # an orphan's hold is not an inactive_period
     return max(retiring.delete_at, retiring.deactivated_at + policy.inactive_period)
 
 
@@ -402,6 +424,8 @@ def _rolled_back_to(
     retiring = {r.key_id: r for r in state.retiring}.get(published_id)
     if key is None or retiring is None or key.status is not model.KeyStatus.ACTIVE:
         return None
+    if retiring.orphan:
+        return None  # never verified by rotator: released as foreign instead
     return key
 
 
@@ -647,6 +671,24 @@ def promote(
         retry_after=None,
         last_error=None,
     ).remember_created(pending.key_id)
+
+
+def quarantined(
+    state: model.TargetState, key_id: str, policy: Policy, now: datetime
+) -> model.TargetState:
+    """The state once an intent's orphan is Inactive, held before its deletion."""
+    hold = min(policy.inactive_period, ORPHAN_HOLD)
+    held = model.RetiringKey(
+        key_id=key_id,
+        retire_at=now,
+        deactivated_at=now,
+        delete_at=now + hold,
+        since=now,
+        orphan=True,
+    )
+    return state.replace(
+        retiring=(*(r for r in state.retiring if r.key_id != key_id), held), intent=None
+    )
 
 
 def deactivated(

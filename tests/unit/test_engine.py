@@ -1083,7 +1083,7 @@ def test_secret_write_failure_after_create_deletes_the_key_at_once() -> None:
     assert w.published_works()
 
 
-def test_response_lost_after_create_leaves_no_leaked_key_after_the_next_pass() -> None:
+def test_response_lost_after_create_leaves_no_leaked_key_once_its_orphan_hold_ends() -> None:
     w = World()
     w.run()
     w.clock.advance(minutes=10)
@@ -1092,12 +1092,21 @@ def test_response_lost_after_create_leaves_no_leaked_key_after_the_next_pass() -
     with pytest.raises(Crash):
         w.run()
     assert len(w.iam.keys_of("watcher_1")) == 2
+    orphan = next(
+        k.key_id for k in w.iam.keys_of("watcher_1") if k.key_id != w.vault.published_id(PATH)
+    )
     w.restart()
     w.clock.advance(seconds=30)
+    with structlog.testing.capture_logs() as logs:
+        held = w.run()  # the orphan is held Inactive (it could be someone's): both slots taken
+    assert held.blocked and w.iam._find("watcher_1", orphan).status is model.KeyStatus.INACTIVE
+    assert [e["key_id"] for e in logs if e["event"] == "key_quarantined"] == [orphan]
+    assert w.published_works()
+    w.clock.advance(minutes=2, seconds=1)  # the hold: the target's inactive_period (2 min) here
     report = w.run()
     assert report.rotated
     ours = {k.key_id for k in w.iam.keys_of("watcher_1")}
-    assert ours == w.state().tracked_ids()
+    assert orphan not in ours and ours == w.state().tracked_ids()
     assert len(ours) == 2 and w.published_works()
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from datetime import timedelta
 
 import pytest
+import structlog.testing
 
 from rotator import engine, errors, model
 from tests.unit.fakes import Crash, FakeLock, InvariantBroken
@@ -195,13 +196,11 @@ def test_a_state_rolled_back_to_an_old_pending_version_does_not_republish_a_reti
 # --- F6: a key made by hand within 5 min of an interrupted create is deleted ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md step 4: the one key IAM dates within INTENT_WINDOW of an intent marker "
-    "is taken for its orphan; a crash before the call was sent cannot be told from one after "
-    "(EIM has no GetAccessKeyLastUsed). Documented in README, Reliability",
-)
-def test_a_key_made_by_hand_minutes_after_a_crash_before_create_is_not_deleted() -> None:
+def test_a_key_made_by_hand_minutes_after_a_crash_before_create_is_held_and_released() -> None:
+    # rotator is killed after its intent marker, before CreateAccessKey; an operator makes a key
+    # by hand minutes later. It cannot be told from the crash's orphan (EIM has no
+    # GetAccessKeyLastUsed): it is made Inactive, not deleted, and said so; made Active again,
+    # it is the operator's and rotator leaves it alone for good.
     w = World()
     _run(w)
     w.clock.advance(minutes=10)
@@ -217,9 +216,30 @@ def test_a_key_made_by_hand_minutes_after_a_crash_before_create_is_not_deleted()
     w.iam.create_key = real  # type: ignore[method-assign]
     w.clock.advance(minutes=3)  # rotator is down; meanwhile an operator makes a key by hand
     hand = w.iam.add_foreign_key("watcher_1")
+    w.iam._find("watcher_1", hand).foreign = False  # the fake: rotator may deactivate this one
     w.restart()
-    _run(w)
-    assert hand in [k.key_id for k in w.iam.keys_of("watcher_1")]
+    with structlog.testing.capture_logs() as logs:
+        _run(w)
+
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.INACTIVE  # not deleted
+    said = [e for e in logs if e["event"] == "key_quarantined"]
+    assert (
+        len(said) == 1 and said[0]["key_id"] == hand and "make it Active again" in said[0]["note"]
+    )
+    assert said[0]["log_level"] == "warning"
+    w.iam._find("watcher_1", hand).status = model.KeyStatus.ACTIVE  # the operator's fix
+    w.iam._find("watcher_1", hand).foreign = True  # from now on rotator must never touch it
+    w.clock.advance(seconds=30)
+    assert any(a.startswith("release_orphan") for a in _run(w).actions)
+    w.clock.advance(seconds=30)
+    report = _run(w)
+    assert report.foreign_keys == 1  # a foreign key from now on, taking the second slot
+    assert report.blocked and f"foreign {hand}" in (report.blocked_reason or "")
+    for _ in range(20):  # 10 min: past any hold; the key stays, Active
+        w.clock.advance(seconds=30)
+        _run(w)
+    assert w.iam._find("watcher_1", hand).status is model.KeyStatus.ACTIVE
+    assert w.published_works()
 
 
 # --- F7: a crash after a verification attempt forgets it: the lock-out schedule breaks -----

@@ -222,28 +222,50 @@ def test_the_published_key_is_never_retired_even_if_state_says_so() -> None:
     assert all(a.key_id != "K1" for a in d.actions)
 
 
-def test_key_created_after_the_intent_marker_is_an_orphan_and_deleted() -> None:
+def test_key_created_after_the_intent_marker_is_an_orphan_held_inactive_before_deletion() -> None:
     intent = model.Intent(T0 - timedelta(seconds=1, microseconds=500_000), ("K1",))
     state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
     # IAM reports whole seconds: the orphan's create date is rounded down below the intent
     orphan = model.AccessKey("K9", A, model.whole_seconds(intent.started_at))
     d = rotation.decide([key("K1"), orphan], state, published("K1"), POLICY, T0)
     assert [(a.kind, a.key_id) for a in d.actions] == [
-        (ActionKind.DELETE_ORPHAN, "K9"),
+        (ActionKind.QUARANTINE_ORPHAN, "K9"),
         (ActionKind.CLEAR_INTENT, None),
     ]
 
 
-def test_an_orphan_dated_before_its_marker_by_a_clock_ahead_of_iam_is_still_deleted() -> None:
+def test_an_orphan_dated_before_its_marker_by_a_clock_ahead_of_iam_is_still_taken() -> None:
     # rotator's clock 3 s ahead of IAM's: the key IAM made for the intent looks older than it.
     intent = model.Intent(T0, ("K1",))
     state = model.TargetState(current=current("K1"), intent=intent, created_ids=("K1",))
     orphan = model.AccessKey("K9", A, T0 - timedelta(seconds=3))
     d = rotation.decide([key("K1"), orphan], state, published("K1"), POLICY, T0)
     assert [(a.kind, a.key_id) for a in d.actions] == [
-        (ActionKind.DELETE_ORPHAN, "K9"),
+        (ActionKind.QUARANTINE_ORPHAN, "K9"),
         (ActionKind.CLEAR_INTENT, None),
     ]
+
+
+def test_a_held_orphan_is_deleted_when_its_hold_ends_and_released_if_made_active() -> None:
+    hold = min(POLICY.inactive_period, rotation.ORPHAN_HOLD)
+    state = rotation.quarantined(
+        model.TargetState(current=current("K1"), created_ids=("K1",)), "K9", POLICY, T0
+    )
+    held = state.retiring[-1]
+    assert held.orphan and held.delete_at == T0 + hold and state.intent is None
+    inactive = model.AccessKey("K9", model.KeyStatus.INACTIVE, T0)
+
+    before = rotation.decide([key("K1"), inactive], state, published("K1"), POLICY, T0 + hold / 2)
+    after = rotation.decide([key("K1"), inactive], state, published("K1"), POLICY, T0 + hold)
+    again = rotation.decide([key("K1"), key("K9")], state, published("K1"), POLICY, T0)
+
+    assert kinds(before) == [] and before.foreign == ()
+    assert [(a.kind, a.key_id) for a in after.actions] == [(ActionKind.DELETE_RETIRED, "K9")]
+    assert [(a.kind, a.key_id) for a in again.actions] == [(ActionKind.RELEASE_ORPHAN, "K9")]
+    released = rotation.forget_gone(state, "K9")
+    assert rotation.decide(
+        [key("K1"), key("K9")], released, published("K1"), POLICY, T0
+    ).foreign == ("K9",)
 
 
 def test_a_key_dated_before_the_marker_by_more_than_the_skew_is_foreign() -> None:
