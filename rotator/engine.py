@@ -132,6 +132,7 @@ KEYS_FRESH_FOR = timedelta(seconds=1)
 # The share of a lease's TTL after its last renewal the holder still trusts it (the rest is a
 # margin for the clocks of the replicas and the time a change takes).
 LEASE_TRUSTED_FOR = 0.8
+ADOPT_TRIES = 3  # an adoption's state writes, each over a state read again after a conflict
 # How many earlier versions of a published secret a restore looks through (Vault keeps 10).
 RESTORE_LOOKBACK = 10
 
@@ -1448,7 +1449,21 @@ class Engine:
 
         A key another target's state tracks (``others``: the configured targets; and the states
         of targets the config no longer names) is refused: it is not foreign, and that target
-        may still publish it."""
+        may still publish it. A state written meanwhile (a pass of the daemon) is read again
+        and the adoption made over it, a few times."""
+        others = list(others)
+        for _ in range(ADOPT_TRIES - 1):
+            with contextlib.suppress(errors.VaultConflict):
+                return self._adopt(spec, key_id, others)
+        try:
+            return self._adopt(spec, key_id, others)
+        except errors.VaultConflict:
+            raise errors.RotatorError(
+                f"{key_id} was not adopted: the state of target {spec.name} changed under each "
+                f"of {ADOPT_TRIES} tries (a pass in progress): run `rotator adopt` again"
+            ) from None
+
+    def _adopt(self, spec: TargetSpec, key_id: str, others: list[TargetSpec]) -> str:
         stored = self._state_of(spec)  # a renamed target's keys are its own, not foreign
         keys = {k.key_id: k for k in self._iam.list_keys(spec.user)}
         state = stored.state

@@ -278,6 +278,37 @@ def test_adopted_foreign_key_is_retired_and_the_slot_freed() -> None:
     assert hand not in [k.key_id for k in w.iam.keys_of("watcher_1")]
 
 
+def test_adopt_over_a_state_written_meanwhile_reads_it_again_and_adopts() -> None:
+    # a pass of the daemon wrote the state between adopt's read and its write: the adoption
+    # was lost, and the message said "the next pass re-reads it" (no pass redoes an adopt)
+    w = World()
+    w.iam.users["watcher_1"] = []
+    hand = w.iam.add_foreign_key("watcher_1")
+    w.run()
+    real = w.vault.write_state
+    conflicts = {"left": 2}
+
+    def busy(target: str, state: model.TargetState, version: int) -> int:
+        if conflicts["left"]:
+            conflicts["left"] -= 1
+            stored = w.vault.read_state(target)
+            real(target, stored.state.replace(failures=stored.state.failures), stored.version)
+            raise errors.VaultConflict("the state changed since rotator read it")
+        return real(target, state, version)
+
+    w.vault.write_state = busy  # type: ignore[method-assign]
+    assert "adopted" in w.engine.adopt(SPEC, hand)
+    assert hand in [r.key_id for r in w.state().retiring]
+
+    conflicts["left"] = 10  # never settles: said so, with what to do
+    other = w.iam.add_foreign_key("watcher_1", status=model.KeyStatus.INACTIVE)
+    with pytest.raises(errors.RotatorError) as failed:
+        w.engine.adopt(SPEC, other)
+    assert f"{other} was not adopted" in str(failed.value)
+    assert "run `rotator adopt` again" in str(failed.value)
+    assert "next pass" not in str(failed.value)
+
+
 def test_adopt_refuses_a_key_another_targets_state_tracks() -> None:
     # a name reused after a rename: the key the other state publishes is not foreign to rotator
     w = World()
