@@ -17,6 +17,7 @@ secret in an exception message, and never return the published secret's value.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -314,7 +315,8 @@ class VaultStore:
         """Keep the token alive; call it every ``period`` seconds (any thread, passes running).
 
         Looks the token up. If its remaining TTL is at most ``max(creation TTL / 2, 2 * period)``
-        (so one missed call still leaves time), renews it by its creation TTL. If it cannot be
+        (so one missed call still leaves time), renews it by its creation TTL, or by three
+        periods if that is longer (Vault caps it at the token's max TTL). If it cannot be
         renewed, the renewal is refused, or the renewal gave less than asked (the token reached
         its max TTL): AppRole and Kubernetes log in again, re-reading the secret id / JWT; a
         static token raises :class:`errors.VaultDenied` saying when it expires and how to give a
@@ -338,7 +340,8 @@ class VaultStore:
             if not info.renewable:
                 reason = "not renewable"
             else:
-                asked = max(info.creation_ttl, 1)
+                # a TTL shorter than a few refresh periods would run out between two of them
+                asked = max(info.creation_ttl, math.ceil(3 * period), 1)
                 try:
                     renewed = self._renew_self(asked)
                 except errors.VaultError as exc:

@@ -306,6 +306,20 @@ def test_a_static_token_that_cannot_be_renewed_is_denied_only_when_it_is_close_t
     logs.assert_never_shows([token])
 
 
+def test_a_renewable_token_shorter_than_the_refresh_period_is_renewed_for_longer(
+    vault: VaultFixture, make_store: MakeStore, logs: Logs
+) -> None:
+    # renewed by its own 12 s TTL, it died before the next refresh 15 s later
+    token = short_token(vault, ttl="4s", explicit_max_ttl="1h", renewable=True)
+    store = make_store(auth=TokenAuth(model.Secret(token)))
+    store.refresh_token(period=5)
+
+    renewed = logs.named("vault_token_renewed")
+    assert [e["asked"] for e in renewed] == [15] and renewed[0]["ttl"] >= 14
+    assert renewed[0]["max_ttl_reached"] is False
+    logs.assert_never_shows([token])
+
+
 def test_a_token_that_never_expires_is_left_alone(
     vault: VaultFixture, make_store: MakeStore, logs: Logs
 ) -> None:
@@ -405,7 +419,9 @@ def test_approle_token_expired_between_refreshes_is_replaced_on_the_next_call(
     store.refresh_token()
 
     assert current_token(store) != first
-    assert [e["reason"] for e in logs.named("vault_relogin")] == ["token rejected"]
+    reasons = [e["reason"] for e in logs.named("vault_relogin")]
+    # then, its tokens living less than three refresh periods, the refresh logs in afresh
+    assert reasons[0] == "token rejected" and set(reasons[1:]) <= {"max TTL reached"}
     logs.assert_never_shows([first, current_token(store), source.value])
 
 
