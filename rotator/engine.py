@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import os
 import socket
 import threading
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -334,6 +335,8 @@ class Engine:
         self._scan_lock = threading.Lock()
         # target -> (secret_path, version) of the published secret a restore was tried on
         self._restore_tried: dict[str, tuple[str, int]] = {}
+        # policy name -> the document (canonical JSON) this engine last made its default
+        self._policies_set: dict[str, str] = {}
         # target -> (pending key, attempts) as this engine last counted them
         self._attempts_made: dict[str, tuple[str, int]] = {}
         self._scan_denied: str | None = None  # why the states could not be listed
@@ -603,7 +606,27 @@ class Engine:
             if self._dry_run:
                 continue
             self._check_stop(p)
+            wanted = _canonical(change.document)
+            if (
+                change.kind is identity.ChangeKind.CREATE_POLICY_VERSION
+                and self._policies_set.get(change.subject) == wanted
+            ):
+                # this engine set exactly this document, and the default changed again since
+                log.warning(
+                    "policy_contested",
+                    target=p.spec.name,
+                    policy=change.subject,
+                    note="its default version was changed since rotator set it, by a person or "
+                    "another rotator whose config has another document for it: rotator sets it "
+                    "back, and two configs that disagree undo each other at every identity "
+                    "check. Give every config the same document (or fix it by hand no more)",
+                )
             policy = self._apply_identity_change(change, policy)
+            if change.kind in (
+                identity.ChangeKind.CREATE_POLICY,
+                identity.ChangeKind.CREATE_POLICY_VERSION,
+            ):
+                self._policies_set[change.subject] = wanted
             self._shared.forget(*_shared_keys(change))
             log.info(
                 "identity_changed",
@@ -1599,6 +1622,10 @@ def _owned(spec: TargetSpec, stored: model.StoredState) -> model.TargetState:
     before users were recorded gets it at its next write)."""
     _check_owner(spec, stored.state)
     return stored.state.replace(user=spec.user, secret_path=spec.secret_path)
+
+
+def _canonical(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
 def _held(published: model.Published) -> str:

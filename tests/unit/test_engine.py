@@ -968,6 +968,36 @@ def test_policy_drift_creates_a_new_default_version_within_the_limit() -> None:
     assert "v1" not in [v for v, _, _ in versions]  # the oldest non-default went
 
 
+def test_a_policy_changed_back_after_rotator_set_it_is_said_to_be_contested() -> None:
+    # two rotators whose configs give the policy different documents rewrote it back and forth
+    # at every identity check, logging only identity_changed at info
+    w = World()
+    w.run()
+    other = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*"}]}
+    for _ in range(2):
+        w.iam.create_policy_version("arn:fake:policy/monitoring", other)  # the other rotator
+        w.clock.advance(hours=1)
+        with structlog.testing.capture_logs() as logs:
+            w.run()
+        contested = [e for e in logs if e["event"] == "policy_contested"]
+        assert [(e["policy"], e["log_level"]) for e in contested] == [("monitoring", "warning")]
+        assert "same document" in contested[0]["note"]
+        default = w.iam.default_version["monitoring"]
+        assert next(d for v, d, _ in w.iam.policies["monitoring"] if v == default) == DOC
+
+    # the operator changes the document in rotator's own config: no contest, the new one set
+    changed = dataclasses.replace(
+        SPEC,
+        desired=dataclasses.replace(
+            SPEC.desired, policy=dataclasses.replace(SPEC.desired.policy, document=other)
+        ),
+    )
+    w.clock.advance(hours=1)
+    with structlog.testing.capture_logs() as logs:
+        w.engine.run_pass(changed)
+    assert [e for e in logs if e["event"] == "policy_contested"] == []
+
+
 def test_identity_is_not_rechecked_on_every_pass() -> None:
     w = World()
     w.run()
