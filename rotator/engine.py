@@ -333,8 +333,6 @@ class Engine:
         self._configured = frozenset(configured or ())
         self._unconfigured: dict[str, model.StoredState] | None = None if configured else {}
         self._scan_lock = threading.Lock()
-        # target -> (secret_path, version) of the published secret a restore was tried on
-        self._restore_tried: dict[str, tuple[str, int]] = {}
         # policy name -> the document (canonical JSON) this engine last made its default
         self._policies_set: dict[str, str] = {}
         # target -> (pending key, attempts) as this engine last counted them
@@ -894,7 +892,7 @@ class Engine:
                     "key_orphaned",
                     target=spec.name,
                     key_id=new.key_id,
-                    reason="the next pass deletes it",
+                    reason="the next pass makes it Inactive, then deletes it after a hold",
                 )
             raise
         self._resolve_pending(p)
@@ -1079,11 +1077,13 @@ class Engine:
             return False
         if published.access_key_id is not None and published.access_key_id in p.keys:
             return False  # a key of the user: rolled back, or someone's choice; not undone
-        tried = (spec.secret_path, published.version)
-        if self._restore_tried.get(spec.name) == tried:
+        tried = f"{spec.secret_path}@{published.version}"
+        if p.state.restore_tried == tried:
             return False
         restored = self._restore_from_history(p)
-        self._restore_tried[spec.name] = tried  # a definite answer (an error is tried again)
+        if not restored:  # a definite answer (an error is tried again), kept in the state: no
+            # process verifies that version's secret again (OUTSCALE counts each failed try)
+            p.state = p.state.replace(restore_tried=tried)
         return restored
 
     def _restore_from_history(self, p: _Pass) -> bool:
@@ -1496,7 +1496,10 @@ class Engine:
                 f"user {spec.user} has no access key {key_id}: see `rotator status` for its keys",
                 code="NoSuchEntity",
             )
-        if _tracked_in(state, key_id):
+        held = next((r for r in state.retiring if r.key_id == key_id and r.orphan), None)
+        if held is not None:  # a held orphan: retired like an adopted key from now
+            state = rotation.forget_retiring(state, key_id)
+        elif _tracked_in(state, key_id):
             return f"{key_id} is already managed by rotator for target {spec.name}"
         owner = self._tracked_elsewhere(spec, key_id, others)
         if owner is not None:

@@ -343,6 +343,9 @@ class TargetState:
     # set on the state of a target renamed in the config: the target that carries its keys now
     # (engine._carry_over); a pass of a target whose state says so stops with an error
     renamed_to: str | None = None
+    # "<secret_path>@<version>": the published secret version a restore was tried on and could
+    # not be made (kept so that no process verifies that version's secret again)
+    restore_tried: str | None = None
     # the IAM account the keys were made in (None: not known, or written before 0.1.3); a pass
     # with work whose credentials act in another account stops (engine._check_account)
     account: str | None = None
@@ -415,6 +418,8 @@ class TargetState:
         doc["user"] = self.user
         doc["secret_path"] = self.secret_path
         doc["renamed_to"] = self.renamed_to
+        if self.restore_tried is not None:
+            doc["restore_tried"] = self.restore_tried
         doc["account"] = self.account
         doc["identity"] = {
             "digest": self.identity_digest,
@@ -489,6 +494,7 @@ class TargetState:
                 user=str(doc["user"]) if doc.get("user") else None,
                 secret_path=str(doc["secret_path"]) if doc.get("secret_path") else None,
                 renamed_to=str(doc["renamed_to"]) if doc.get("renamed_to") else None,
+                restore_tried=str(doc["restore_tried"]) if doc.get("restore_tried") else None,
                 account=str(doc["account"]) if doc.get("account") else None,
                 identity_digest=ident.get("digest"),
                 identity_checked_at=_opt_time(ident.get("checked_at")),

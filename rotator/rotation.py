@@ -369,6 +369,8 @@ def stale_pending(
     if published_id == pending.replaces:
         return None
     by_id = {k.key_id: k for k in keys}
+    if not _works(by_id, pending.key_id):
+        return None  # gone (deleted by hand, as the error says) or Inactive: never published
     published = by_id.get(published_id)
     if published is None or published.created <= pending.created:
         return None

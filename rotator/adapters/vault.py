@@ -226,6 +226,7 @@ class VaultStore:
         self._leases_lock = threading.Lock()
         self._expiring: set[str] = set()  # paths whose written version Vault will delete: warned
         self._refused: _Refused | None = None  # the last refused login, while it holds
+        self._short_warned = False  # vault_token_short said
         self._mount_expires = False  # setup_warnings() saw delete_version_after on the mount
         if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
@@ -349,14 +350,27 @@ class VaultStore:
                         raise
                     reason = "renewal refused"
                 else:
+                    # less than asked is no sign of the end when it is the token's own TTL:
+                    # a periodic token is renewed to its period, whatever was asked
+                    reached = renewed < max(info.creation_ttl, 1)
                     log.info(
                         "vault_token_renewed",
                         previous_ttl=info.ttl,
                         ttl=renewed,
                         asked=asked,
-                        max_ttl_reached=renewed < asked,
+                        max_ttl_reached=reached,
                     )
-                    if renewed >= asked:
+                    if renewed <= period and not self._short_warned:
+                        self._short_warned = True
+                        log.warning(
+                            "vault_token_short",
+                            ttl=renewed,
+                            refresh_period=period,
+                            reason="the token lives less after a renewal than rotator waits "
+                            "between two refreshes: it may expire in between",
+                            fix=f"give it a TTL or period of {math.ceil(3 * period)}s or more",
+                        )
+                    if not reached:
                         return
                     remaining, reason = renewed, "max TTL reached"
             if not isinstance(self._auth, TokenAuth):
@@ -834,7 +848,7 @@ class VaultStore:
             f"Vault at {self._address} denied `{op.capability}` on `{op.path}` (to {op.purpose}): "
             f"the policy of rotator's token does not grant it; add it to the rotator policy, "
             f'e.g. path "{op.path}" {{ capabilities = ["{op.capability}", ...] }}'
-            f" ({_vault_said(exc)})"
+            f"{_new_policy_note(self._auth)} ({_vault_said(exc)})"
         )
 
     def _login_refused(
@@ -863,6 +877,16 @@ _STATIC_AUTH_FIX = (
     "issue a new token and write it to vault.auth.token_file (re-read without a restart), or "
     "set VAULT_TOKEN and restart rotator"
 )
+
+
+def _new_policy_note(auth: Auth) -> str:
+    """A policy added to the role (not rules added to its policy) reaches a token at login."""
+    if isinstance(auth, TokenAuth):
+        return ""
+    return (
+        " (rules added to a policy the token has apply at once; a policy added to the "
+        f"{_method(auth)} role applies from rotator's next login: restart it)"
+    )
 
 
 def _static_fix(auth: object) -> str:

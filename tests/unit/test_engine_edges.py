@@ -356,3 +356,28 @@ def test_a_lease_whose_renewals_stopped_coming_stops_the_pass_before_its_next_ch
 
     assert not report.ok and "lost the lock" in (report.error or "")
     assert w.vault.published_id(PATH) == before  # stopped before publishing
+
+
+def test_adopting_a_held_orphan_retires_it_as_an_adopted_key() -> None:
+    # `adopt` answered "already managed" for a held orphan, which was then deleted at the end of
+    # its hold, not through the inactive period adopt promises
+    w = World()
+    _run(w)
+    w.clock.advance(minutes=10)
+    w.iam.crash.at = w.iam.crash.calls + 1  # the intent write, then CreateAccessKey
+    w.iam.crash.after_apply = True
+    with pytest.raises(Crash):
+        w.run()
+    orphan = next(
+        k.key_id for k in w.iam.keys_of("watcher_1") if k.key_id != w.vault.published_id(PATH)
+    )
+    w.restart()
+    w.clock.advance(seconds=30)
+    _run(w)
+    assert [r.orphan for r in w.state().retiring if r.key_id == orphan] == [True]
+
+    assert "adopted" in w.engine.adopt(SPEC, orphan)
+
+    adopted = [r for r in w.state().retiring if r.key_id == orphan]
+    assert len(adopted) == 1 and not adopted[0].orphan
+    assert adopted[0].delete_at == w.clock.now() + SPEC.policy.inactive_period
