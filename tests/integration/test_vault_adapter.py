@@ -223,6 +223,9 @@ def full_state() -> model.TargetState:
                 delete_at=t + timedelta(days=3),
                 since=t - timedelta(days=1),
             ),
+            model.RetiringKey(
+                "AKIAORPHAN", t, deactivated_at=t, delete_at=t + timedelta(minutes=10), orphan=True
+            ),
         ),
         pending=model.PendingKey(
             "AKIAPENDING",
@@ -231,6 +234,8 @@ def full_state() -> model.TargetState:
             attempts=2,
             last_attempt_at=t + timedelta(seconds=30),
             replaces="AKIACURRENT",
+            made_at=t + timedelta(seconds=1),
+            uncounted=True,
         ),
         intent=model.Intent(t - timedelta(seconds=1)),
         created_ids=("AKIAOLD2", "AKIAOLD1", "AKIACURRENT", "AKIAPENDING"),
@@ -246,6 +251,7 @@ def full_state() -> model.TargetState:
         user="watcher_1",
         secret_path="monitoring/watcher_1",
         renamed_to="monitor2",
+        restore_tried="monitoring/watcher_1@7",
         account="123456789012",
     )
 
