@@ -58,13 +58,18 @@ class RetiringPhase(enum.Enum):
 
     GRACE = "grace (Active)"
     INACTIVE = "Inactive"
+    HELD = "held Inactive (orphan)"  # an interrupted rotation's orphan, or a key made by hand then
     GONE = "gone"  # IAM no longer lists it
     UNKNOWN = "IAM not read"
 
     @property
     def next_step(self) -> str | None:
         """What the key becomes at the end of this phase."""
-        return {RetiringPhase.GRACE: "Inactive", RetiringPhase.INACTIVE: "deleted"}.get(self)
+        return {
+            RetiringPhase.GRACE: "Inactive",
+            RetiringPhase.INACTIVE: "deleted",
+            RetiringPhase.HELD: "deleted",
+        }.get(self)
 
 
 @dataclass(frozen=True)
@@ -1430,9 +1435,8 @@ class Engine:
                     (r.key_id, RetiringPhase.GRACE, rotation.retire_deadline(r, spec.policy))
                 )
             else:
-                retiring.append(
-                    (r.key_id, RetiringPhase.INACTIVE, rotation.delete_deadline(r, spec.policy))
-                )
+                phase = RetiringPhase.HELD if r.orphan else RetiringPhase.INACTIVE
+                retiring.append((r.key_id, phase, rotation.delete_deadline(r, spec.policy)))
         return _status_view(
             spec,
             state,

@@ -375,6 +375,8 @@ def test_adopting_a_held_orphan_retires_it_as_an_adopted_key() -> None:
     w.clock.advance(seconds=30)
     _run(w)
     assert [r.orphan for r in w.state().retiring if r.key_id == orphan] == [True]
+    held = [(k, phase) for k, phase, _ in w.engine.status(SPEC).retiring if k == orphan]
+    assert held == [(orphan, engine.RetiringPhase.HELD)]  # status says it is held, not retiring
 
     assert "adopted" in w.engine.adopt(SPEC, orphan)
 
