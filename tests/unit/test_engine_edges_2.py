@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from rotator import errors, model, rotation
 from rotator.adapters.vault import AppRoleAuth, TokenAuth, VaultStore
@@ -161,3 +162,15 @@ def test_a_static_periodic_token_is_not_reported_as_expiring_every_probe() -> No
         store.refresh_token(period=15.0)
     except errors.VaultDenied as exc:
         pytest.fail(f"a periodic token renewed fine is reported as dying: {exc}")
+
+
+def test_a_token_living_less_than_a_refresh_period_is_warned_of_once() -> None:
+    client = _FakeVaultClient(period=10)  # a periodic token of 10 s, refreshed every 15 s
+    store = _store(TokenAuth(model.Secret("hvs.static-token-0123456789")), client)
+    with structlog.testing.capture_logs() as logs:
+        store.refresh_token(period=15.0)
+        store.refresh_token(period=15.0)
+    short = [e for e in logs if e["event"] == "vault_token_short"]
+    assert len(short) == 1 and short[0]["ttl"] == 10 and short[0]["refresh_period"] == 15.0
+    assert "45s" in short[0]["fix"]
+    assert "hvs.static" not in repr(logs)
