@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -152,9 +153,10 @@ def test_a_secret_deleted_in_a_grace_period_is_replaced_once_the_slot_frees() ->
 # --- F5: a state rolled back to a pending version re-publishes a retiring key --------------
 
 
-def test_a_state_rolled_back_to_an_old_pending_version_does_not_republish_a_retiring_key() -> None:
-    w = World()
-    docs: list[dict[str, object]] = []
+def rolled_back_to_pending(w: World) -> tuple[str, str, Any]:
+    """The state rolled back by hand (`kv rollback`) to the version with K2 pending while K3 is
+    published and K2 in its grace. Returns (K2, K3, the latest state document before)."""
+    docs: list[dict[str, Any]] = []
     real = w.vault.write_state
 
     def recorded(target: str, state: model.TargetState, version: int) -> int:
@@ -173,11 +175,17 @@ def test_a_state_rolled_back_to_an_old_pending_version_does_not_republish_a_reti
     w.clock.advance(minutes=6)
     _run(w)
     k3 = w.vault.published_id(PATH)  # K3 published, K2 in its grace
+    assert k2 is not None and k3 is not None and k2 != k3
     latest = w.vault.states[SPEC.name]
-    # the operator restores an older version of the state (`kv rollback`)
     w.vault.states[SPEC.name] = dataclasses.replace(
         latest, data=pending_version, version=latest.version + 1
     )
+    return k2, k3, latest
+
+
+def test_a_state_rolled_back_to_an_old_pending_version_does_not_republish_a_retiring_key() -> None:
+    w = World()
+    _, k3, latest = rolled_back_to_pending(w)
     w.clock.advance(seconds=30)
     report = _run(w)
     assert w.vault.published_id(PATH) == k3, (

@@ -3,7 +3,6 @@ across processes, periodic tokens."""
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,44 +12,15 @@ import structlog.testing
 from rotator import errors, model, rotation
 from rotator.adapters.vault import AppRoleAuth, TokenAuth, VaultStore
 from tests.unit.fakes import T0
-from tests.unit.test_engine import PATH, SPEC, World, rotated_twice_over
+from tests.unit.test_engine import PATH, World, rotated_twice_over
+from tests.unit.test_engine_edges import rolled_back_to_pending
 
 # --- R1: StateStale never clears once the pending key is deleted (the remedy it gives) ---------
 
 
-def _rolled_back_to_pending(w: World) -> tuple[str, str]:
-    """As test_engine_edges F5: the state rolled back to the version with K2 pending while K3 is
-    published. Returns (K2, K3)."""
-    docs: list[dict[str, object]] = []
-    real = w.vault.write_state
-
-    def recorded(target: str, state: model.TargetState, version: int) -> int:
-        docs.append(state.to_document())
-        return real(target, state, version)
-
-    w.vault.write_state = recorded  # type: ignore[method-assign]
-    w.run()
-    w.clock.advance(minutes=10)
-    w.run()
-    k2 = w.vault.published_id(PATH)
-    pending_doc = [d for d in docs if d["pending"] and d["pending"]["key_id"] == k2][-1]  # type: ignore[index]
-    for _ in range(10):
-        w.clock.advance(seconds=30)
-        w.run()
-    w.clock.advance(minutes=6)
-    w.run()
-    k3 = w.vault.published_id(PATH)
-    assert k2 is not None and k3 is not None and k2 != k3
-    latest = w.vault.states[SPEC.name]
-    w.vault.states[SPEC.name] = dataclasses.replace(
-        latest, data=pending_doc, version=latest.version + 1
-    )
-    return k2, k3
-
-
 def test_stale_pending_clears_once_the_pending_key_is_deleted_by_hand_as_the_error_says() -> None:
     w = World()
-    k2, _ = _rolled_back_to_pending(w)
+    k2, _, _ = rolled_back_to_pending(w)
     w.clock.advance(seconds=30)
     first = w.run()
     assert "delete the pending key by hand: the next pass forgets it" in (first.error or "")
