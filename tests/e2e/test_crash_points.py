@@ -362,6 +362,10 @@ def _snapshot(case: Case) -> Snapshot:
     )
 
 
+# the points whose crash leaves a key IAM made and no state names: the restart holds it Inactive
+HELD_ORPHAN = frozenset({"CreateAccessKey-applied", "pending-write-never"})
+
+
 def _first_pass_index(daemon: Daemon, done: Callable[[dict[str, Any]], bool]) -> int | None:
     for index, summary in enumerate(daemon.summaries(), start=1):
         if done(summary):
@@ -477,7 +481,12 @@ def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
 
     index = _first_pass_index(second, finished)
     logs = "".join(d.log.read_text() for d in daemons)
-    assert index is not None and index <= 2, (index, second.summaries())
+    # an interrupted rotation's orphan is held Inactive for inactive_period (1 s, one
+    # check_interval) before its deletion frees the slot: the pass after the hold ends, which is
+    # the next one or the one after, by where in its pass the hold began
+    held = any(e.get("event") == "key_quarantined" for e in second.events())
+    assert held == (point.id in HELD_ORPHAN), (point.id, held)
+    assert index is not None and index <= (3 if held else 2), (index, second.summaries())
     assert watcher.problems == [], watcher.problems
     # at least the three uses after the restart (none before it when the crash came before the
     # first key was published)
