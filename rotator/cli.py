@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
             "reloads the config (an invalid one is logged and the old one kept)."
         ),
         epilog="Exit: 0 stopped by a signal, or (--once) every target ok; 1 a target failed "
-        "or is blocked (--once); 2 config error.",
+        "or is blocked (--once), or a step had not come back 90 s after the signal "
+        "(daemon_stop_timeout: the next start resumes from the state); 2 config error.",
     )
     run.add_argument("--once", action="store_true", help="one pass over every target, then exit")
     run.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
@@ -133,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             names = ", ".join(s.name for s in specs)
             _out(f"{path}: OK, {len(specs)} target(s): {names}")
-            for note in [*unchecked, *daemon.config_warnings(specs)]:
+            notes = [*unchecked, *config.unused_settings(settings), *daemon.config_warnings(specs)]
+            for note in notes:
                 _out(f"  note: {note}")
             return EXIT_OK
         if command == "run" and not args.once and not args.dry_run:
@@ -437,6 +439,14 @@ def _foreign_cell(row: dict[str, Any], key_id: str) -> str:
     return key_id if owner is None else f"{key_id} (tracked by target {owner})"
 
 
+def _due_cell(due: str | None, now: datetime) -> str:
+    """When the next rotation is due: "in 5h12m", or "overdue 29s" (the daemon not passing)."""
+    if due is None:
+        return "-"
+    left = model.parse_time(due) - now
+    return f"in {_age(left)}" if left >= timedelta(0) else f"overdue {_age(-left)}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     header = (
         "TARGET",
@@ -462,9 +472,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 row["target"],
                 row["current_key_id"] or "-",
                 "-" if age is None else _age(timedelta(seconds=age)),
-                "now"
-                if row["due_now"]
-                else ("-" if due is None else f"in {_age(model.parse_time(due) - now)}"),
+                "now" if row["due_now"] else _due_cell(due, now),
                 retiring or "-",
                 row["pending_key_id"] or "-",
                 ", ".join(_foreign_cell(row, key_id) for key_id in row["foreign_keys"]) or "-",

@@ -816,6 +816,26 @@ class VaultAuthSettings(_Model):
         return self
 
 
+def unused_settings(settings: Settings) -> list[str]:
+    """Settings that load but do nothing (one line each): an auth block of another method."""
+    auth = settings.vault.auth
+    method = auth.method
+    unused = [
+        key
+        for key, value, used_by in (
+            ("token_file", auth.token_file, "token"),
+            ("approle", auth.approle, "approle"),
+            ("kubernetes", auth.kubernetes, "kubernetes"),
+        )
+        if value is not None and method != used_by
+    ]
+    return [
+        f"vault.auth.{key} is set but not used: vault.auth.method is {method}; remove it, or "
+        f"set the method that uses it"
+        for key in unused
+    ]
+
+
 class VaultSettings(_Model):
     """Where keys are published and the rotator keeps its state and locks."""
 
@@ -1477,7 +1497,12 @@ def _config_error(exc: ValidationError) -> errors.ConfigError:
         message = f"invalid value {_show(value)}: use {context.get('expected', 'a listed value')}"
     elif kind in _GENERIC_EXPECTED:
         message = f"{_GENERIC_EXPECTED[kind]}, got {_show(value)}"
-        if kind == "string_type" and not isinstance(value, Mapping | list | tuple):
+        if kind == "string_type" and loc[-1:] == ("listen",) and isinstance(value, int):
+            message = (  # a bare port: quoting it alone would only give the next error
+                f"expected host:port, got the port {value} alone: give "
+                f"'0.0.0.0:{value}' (every interface) or '127.0.0.1:{value}'"
+            )
+        elif kind == "string_type" and not isinstance(value, Mapping | list | tuple):
             message += ": quote the value"
     else:
         message = f"{error['msg'].replace('Input should be', 'must be')}, got {_show(value)}"
@@ -1508,4 +1533,5 @@ __all__ = [
     "read_secret_file",
     "read_vault_token",
     "resolve_file",
+    "unused_settings",
 ]

@@ -13,6 +13,7 @@ it fail, the running config is kept and the failure logged and counted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import math
@@ -413,7 +414,7 @@ def build_runtime(
     """The engine and its adapters; ``one_shot``: for a command that makes its passes and
     exits (a transient failure then says to run it again, not that a next pass retries it)."""
     specs = {spec.name: spec for spec in target_specs(settings)}
-    for note in config_warnings(specs.values()):
+    for note in [*config.unused_settings(settings), *config_warnings(specs.values())]:
         logger.warning("config_warning", warning=note)
     iam = build_identity(settings.eim)
     store = build_store(settings.vault)
@@ -821,10 +822,15 @@ class Daemon:
                 ready=self._ready,
             )
         except OSError as exc:
+            taken = (
+                " (is another rotator, or its demo, running?)"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
             raise errors.ConfigError(
                 "metrics.listen",
-                f"cannot listen on {settings.metrics.listen}: {exc.strerror or exc}; "
-                "choose a free address and port",
+                f"cannot listen on {settings.metrics.listen}: {exc.strerror or exc}{taken}; "
+                "stop what holds it, or choose a free address and port",
             ) from None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)

@@ -127,3 +127,15 @@ class LockError(RotatorError):
 
     component = "lock"
     transient = True
+
+
+# What OpenSSL says when the server answers a TLS handshake in plain HTTP (OpenSSL 3.2 and
+# later say "record layer failure"; before, WRONG_VERSION_NUMBER).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure")
+
+
+def speaks_no_tls(exc: BaseException) -> bool:
+    """Whether a TLS failure is a server that does not speak TLS at all (an https:// address
+    for a plain-HTTP server), not a certificate problem."""
+    text = str(exc)
+    return any(sign in text for sign in _NOT_TLS)

@@ -96,6 +96,13 @@ def translate_error(exc: Exception, *, action: str, endpoint: str) -> errors.Eim
             code=type(exc).__name__,
             action=action,
         )
+    if isinstance(exc, botocore.exceptions.SSLError) and errors.speaks_no_tls(exc):
+        return errors.EimTransientError(
+            f"{action}: EIM at {endpoint} does not speak TLS (it answered the TLS handshake in "
+            "plain HTTP): is eim.endpoint meant to be http://?",
+            code="SSLError",
+            action=action,
+        )
     if isinstance(exc, botocore.exceptions.HTTPClientError | botocore.exceptions.ConnectionError):
         # Connection refused or reset, DNS, TLS, proxy, connect and read timeouts.
         return errors.EimTransientError(

@@ -966,6 +966,11 @@ def _translate(
 ) -> errors.VaultError:
     """The project's error for a failed call (403 is handled by the caller, which knows more)."""
     what = f"to {op.purpose} (`{op.capability}` on `{op.path}`)"
+    if isinstance(exc, requests.exceptions.SSLError) and errors.speaks_no_tls(exc):
+        return errors.VaultUnavailable(
+            f"Vault at {address} does not speak TLS {what} (it answered the TLS handshake in "
+            "plain HTTP): is vault.address meant to be http://?"
+        )
     if isinstance(exc, requests.exceptions.SSLError):
         return errors.VaultUnavailable(
             f"TLS with Vault at {address} failed {what}: set vault.ca_file to the CA that "

@@ -340,6 +340,7 @@ def test_run_with_the_metrics_port_taken_exits_2_with_one_line_naming_metrics_li
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "metrics.listen" in lines[0], lines
+    assert "is another rotator, or its demo, running?" in lines[0]
     assert vault.read_raw("monitoring/watcher_1") is None  # nothing ran
 
 

@@ -377,6 +377,28 @@ def test_unreachable_endpoint_gives_a_transient_error_quickly() -> None:
     assert "s" * 40 not in str(caught.value)
 
 
+def test_an_https_endpoint_on_a_plain_http_server_says_so_not_a_network_problem(
+    iam_admin: servers.MotoAdmin,
+) -> None:
+    endpoint = iam_admin.endpoint.replace("http://", "https://")
+    wrong = eim.EimIdentity(
+        region=iam_admin.region,
+        endpoint_url=endpoint,
+        credentials=(iam_admin.access_key_id, model.Secret(iam_admin.secret_access_key)),
+        max_attempts=1,
+        connect_timeout=2.0,
+        read_timeout=5.0,
+    )
+
+    with pytest.raises(errors.EimTransientError) as caught:
+        wrong.list_keys("watcher_1")
+
+    message = str(caught.value)
+    assert f"EIM at {endpoint} does not speak TLS" in message
+    assert "is eim.endpoint meant to be http://?" in message
+    assert iam_admin.secret_access_key not in message
+
+
 def test_results_and_errors_never_show_the_secret(identity: eim.EimIdentity, seeded: str) -> None:
     new = identity.create_key("watcher_1")
     secret = new.secret.reveal()

@@ -477,6 +477,20 @@ def test_a_revoked_token_is_denied_as_invalid_not_as_a_policy_problem(
     assert "capabilities" not in str(denied.value)
 
 
+def test_an_https_address_of_a_plain_http_vault_says_so_not_the_ca(vault: VaultFixture) -> None:
+    address = vault.address.replace("http://", "https://")
+    with (
+        VaultStore(address=address, auth=TokenAuth(model.Secret(vault.root_token))) as store,
+        pytest.raises(errors.VaultUnavailable) as unavailable,
+    ):
+        store.read_published("team/app")
+
+    message = str(unavailable.value)
+    assert f"Vault at {address} does not speak TLS" in message
+    assert "is vault.address meant to be http://?" in message
+    assert "ca_file" not in message and vault.root_token not in message
+
+
 def test_an_address_nothing_listens_on_is_unavailable_quickly(vault: VaultFixture) -> None:
     address = f"http://127.0.0.1:{servers.free_port()}"
     with VaultStore(address=address, auth=TokenAuth(model.Secret(vault.root_token))) as store:

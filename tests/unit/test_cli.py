@@ -298,6 +298,21 @@ def test_the_status_table_says_when_a_retiring_key_moves_on_relative_to_now(
     assert cli._retiring_cell({"key_id": "AKIAOLD", "phase": phase, "until": until}, now) == cell
 
 
+@pytest.mark.parametrize(
+    ("due", "cell"),
+    [
+        ("2026-12-04T15:12:00Z", "in 5h12m"),
+        ("2026-12-04T10:00:00Z", "in 0s"),
+        ("2026-12-04T09:59:31Z", "overdue 29s"),  # not "in -29s": the daemon is not passing
+        (None, "-"),
+    ],
+)
+def test_the_status_table_says_how_long_a_rotation_is_overdue(due: str | None, cell: str) -> None:
+    now = model.parse_time("2026-12-04T10:00:00Z")
+
+    assert cli._due_cell(due, now) == cell
+
+
 def test_the_status_table_names_the_target_whose_state_tracks_a_foreign_key() -> None:
     class Engine:
         calls = 0
@@ -344,6 +359,35 @@ def test_check_config_reads_the_kubernetes_token_file_as_run_would(
     assert "--skip-secret-files" in err and err.count("\n") == 1
     assert found == cli.EXIT_OK
     assert "eyJ" not in capsys.readouterr().out
+
+
+def test_check_config_notes_auth_settings_the_method_does_not_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    secret_id = tmp_path / "secret-id"
+    secret_id.write_text("a-secret-id\n")
+    token = data["vault"]["auth"]["token_file"]
+    data["vault"]["auth"] = {
+        "method": "approle",
+        "token_file": token,  # left from the token method
+        "approle": {"role_id": "r-1", "secret_id_file": str(secret_id)},
+        "kubernetes": {"role": "rotator", "token_file": token},
+    }
+    path.write_text(yaml.safe_dump(data))
+
+    assert cli.main(["check-config", "-c", str(path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "is set but not used" in line]
+
+    assert notes == [
+        "  note: vault.auth.token_file is set but not used: vault.auth.method is approle; "
+        "remove it, or set the method that uses it",
+        "  note: vault.auth.kubernetes is set but not used: vault.auth.method is approle; "
+        "remove it, or set the method that uses it",
+    ]
+    assert "a-secret-id" not in out
 
 
 def test_the_signal_handler_takes_no_lock_and_the_loop_sees_the_signals(tmp_path: Path) -> None:

@@ -307,6 +307,12 @@ REJECTIONS: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("name slash", setting(("targets.0.name", "a/b")), "targets[0].name", "Vault path segment"),
     ("name long", setting(("targets.0.name", "a" * 64)), "targets[0].name", "1-63"),
     ("name number", setting(("targets.0.name", 12)), "targets[0].name", "quote the value"),
+    (
+        "listen port alone",
+        setting(("metrics.listen", 9109)),
+        "metrics.listen",
+        "the port 9109 alone: give '0.0.0.0:9109' (every interface) or '127.0.0.1:9109'",
+    ),
     ("user space", setting(("targets.0.user", "bad user")), "targets[0].user", "1-64"),
     ("user long", setting(("targets.0.user", "u" * 65)), "targets[0].user", "invalid user name"),
     ("user empty", setting(("targets.0.user", "")), "targets[0].user", "invalid user name"),
