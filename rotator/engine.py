@@ -422,7 +422,13 @@ class Engine:
         # Vault first: without it no IAM change may happen.
         stored = self._state_of(spec)
         published = self._store.read_published(spec.secret_path)
-        return _Pass(spec=spec, stored=stored, published=published, state=_owned(spec, stored))
+        p = _Pass(spec=spec, stored=stored, published=published, state=_owned(spec, stored))
+        if stored.carried_from is not None:
+            p.actions.append(
+                f"carry_over {stored.carried_from}: the target was renamed {spec.name} (same "
+                f"user); its state is carried on and {stored.carried_from}'s marked renamed"
+            )
+        return p
 
     def _observe_keys(self, p: _Pass) -> None:
         try:
@@ -1375,7 +1381,7 @@ class Engine:
         name, _ = mine[0]
         old = self._store.read_state(name)  # fresh: its version fences the marking
         if not write:
-            return model.StoredState(old.state.replace(renamed_to=None), stored.version)
+            return model.StoredState(old.state.replace(renamed_to=None), stored.version, name)
         if old.state.renamed_to != spec.name:
             self._store.write_state(name, old.state.replace(renamed_to=spec.name), old.version)
         carried = old.state.replace(renamed_to=None)
@@ -1391,7 +1397,7 @@ class Engine:
             keys=sorted(carried.tracked_ids()),
             note=f"the state of {name} is carried on by {spec.name}; {name} is marked renamed",
         )
-        return model.StoredState(carried, version)
+        return model.StoredState(carried, version, name)
 
     # --- operator commands ---------------------------------------------------------------
 

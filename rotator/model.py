@@ -520,6 +520,7 @@ class StoredState:
 
     state: TargetState
     version: int
+    carried_from: str | None = None  # the old name of a renamed target whose state this is
 
 
 @dataclass(frozen=True)

@@ -774,6 +774,7 @@ def test_a_renamed_target_carries_its_state_on_and_makes_no_key() -> None:
         report = w.engine.run_pass(renamed)
 
     assert report.ok and not report.rotated and report.foreign_keys == 0
+    assert [a for a in report.actions if a.startswith("carry_over monitoring:")]
     carried = w.vault.read_state("monitor2").state
     assert carried.current == before.current and carried.retiring == before.retiring
     assert w.vault.read_state("monitoring").state.renamed_to == "monitor2"
@@ -786,6 +787,20 @@ def test_a_renamed_target_carries_its_state_on_and_makes_no_key() -> None:
     w.engine.run_pass(renamed)
     retired = before.retiring[0].key_id
     assert w.iam._find("watcher_1", retired).status is model.KeyStatus.INACTIVE
+
+
+def test_the_dry_run_plan_of_a_renamed_target_says_its_state_is_carried_on() -> None:
+    # it said "nothing to do" (new-user walkthrough), while the real pass marks and writes states
+    w = World()
+    w.run()
+    renamed = dataclasses.replace(SPEC, name="monitor2")
+    w.engine = engine.Engine(w.iam, w.vault, w.clock, configured=["monitor2"], dry_run=True)
+
+    report = w.engine.run_pass(renamed)
+
+    assert report.actions[0].startswith("carry_over monitoring: the target was renamed monitor2")
+    assert w.vault.read_state("monitor2").version == 0  # nothing written
+    assert w.vault.read_state("monitoring").state.renamed_to is None
 
 
 def test_a_rename_that_changes_the_users_case_is_no_rename_and_marks_nothing() -> None:
