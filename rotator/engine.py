@@ -1237,6 +1237,7 @@ class Engine:
             key_created=published_created,
             last_rotation_at=state.last_rotation_at,
             next_due=rotation.next_due(state, spec.policy),
+            due_by_age=rotation.due_by_age(state, spec.policy),
             keys_observed=p.keys_observed,
             keys_active=sum(k.status is model.KeyStatus.ACTIVE for k in p.keys.values()),
             keys_inactive=sum(k.status is model.KeyStatus.INACTIVE for k in p.keys.values()),

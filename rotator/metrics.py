@@ -282,7 +282,8 @@ _GAUGES: Final = (
     ("rotator_key_age_seconds", "Age of the published access key at the last pass.", ["target"]),
     (
         "rotator_next_rotation_timestamp_seconds",
-        "Unix time when the next rotation is due.",
+        "Unix time when the next rotation is due: the current key reaches max_age (a backoff "
+        "after failed rotations does not move it).",
         ["target"],
     ),
     (
@@ -429,8 +430,11 @@ class Metrics:
             if report.key_created is not None:
                 age = (model.utc(now) - model.utc(report.key_created)).total_seconds()
                 series.key_age = max(age, 0.0)
-            if report.next_due is not None:
-                series.next_rotation = report.next_due.timestamp()
+            # by age, not the end of a backoff: rotations failing for hours back off further
+            # and further, and the "key too old" alert, an hour past this, would never fire
+            due = report.due_by_age or report.next_due
+            if due is not None:
+                series.next_rotation = due.timestamp()
             if report.keys_observed:  # else the pass failed before it could count them
                 series.keys = [float(report.keys_active), float(report.keys_inactive)]
                 series.foreign = float(report.foreign_keys)

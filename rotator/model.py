@@ -537,7 +537,8 @@ class PassReport:
     published_key_id: str | None = None
     key_created: datetime | None = None  # creation time of the published key
     last_rotation_at: datetime | None = None
-    next_due: datetime | None = None
+    next_due: datetime | None = None  # by age, or by backoff after failures
+    due_by_age: datetime | None = None  # when the current key reaches max_age
     keys_observed: bool = False  # IAM's key list was read (the counts below mean something)
     keys_active: int = 0
     keys_inactive: int = 0

@@ -553,9 +553,14 @@ def _slot_frees(state: model.TargetState, policy: Policy, by_id: dict[str, model
     )
 
 
+def due_by_age(state: model.TargetState, policy: Policy) -> datetime | None:
+    """When the current key reaches max_age, whatever a backoff says; None: no key yet."""
+    return None if state.current is None else state.current.created + policy.max_age
+
+
 def next_due(state: model.TargetState, policy: Policy) -> datetime | None:
     """When the next rotation is due by age (or by backoff); None: as soon as possible."""
-    due = None if state.current is None else state.current.created + policy.max_age
+    due = due_by_age(state, policy)
     if state.retry_after is not None and (due is None or state.retry_after > due):
         return state.retry_after
     return due

@@ -205,6 +205,21 @@ def test_key_that_never_verifies_is_deleted_counted_and_retried_later() -> None:
     assert w.run().rotated and w.published_works()
 
 
+def test_a_rotation_given_up_backs_off_but_the_key_stays_due_by_its_age() -> None:
+    w = World()
+    w.run()
+    current = w.state().current
+    assert current is not None
+    w.clock.t = current.created + POLICY.max_age  # due
+    w.iam.break_next_keys = 1
+
+    report = w.run()
+
+    assert report.rotation_failed
+    assert report.next_due == w.state().retry_after and report.next_due > w.clock.t
+    assert report.due_by_age == current.created + POLICY.max_age  # what the metric shows
+
+
 def test_vault_down_means_no_iam_change() -> None:
     w = World()
     w.vault.down = True

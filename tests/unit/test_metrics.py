@@ -209,6 +209,19 @@ def test_failed_rotation_counts_a_failure_and_its_errors_but_no_success(
     assert v("rotator_next_rotation_timestamp_seconds") == (NOW + timedelta(days=28)).timestamp()
 
 
+def test_next_rotation_stays_at_max_age_while_failed_rotations_back_off(
+    m: metrics.Metrics, registry: CollectorRegistry
+) -> None:
+    # it followed the backoff (capped at 1 h): "key too old", an hour past it, never fired
+    due = NOW - timedelta(hours=5)
+    m.record_pass(report(due_by_age=due, next_due=NOW + timedelta(minutes=50)), NOW)
+
+    assert (
+        value(registry, "rotator_next_rotation_timestamp_seconds", target="monitoring")
+        == due.timestamp()
+    )
+
+
 def test_blocked_pass_sets_blocked_and_a_later_pass_clears_it(
     m: metrics.Metrics, registry: CollectorRegistry
 ) -> None:
