@@ -712,6 +712,19 @@ class Engine:
         if decision.blocked and not self._dry_run and self._restore_published(p):
             decision = self._decide(p, force=force)
         p.decision = decision
+        broken = rotation.published_secret_problem(p.state, p.published)
+        if broken is not None:
+            log.warning(
+                "published_secret_broken",
+                target=p.spec.name,
+                key_id=p.published.access_key_id,
+                secret_path=p.spec.secret_path,
+                version=p.published.version,
+                problem=broken,
+                note="rotator publishes a fresh verified key (or, with no free slot, writes back "
+                "the last version holding the current key's secret); to keep a secret of your "
+                "own, publish a key id and secret that belong together",
+            )
         untracked = _untracked_published(p.state, p.published, p.keys)
         if untracked is not None and any(
             a.kind in (rotation.ActionKind.CREATE_KEY, rotation.ActionKind.BLOCKED)
@@ -1086,7 +1099,11 @@ class Engine:
         key = p.keys.get(current.key_id)
         if key is None or key.status is not model.KeyStatus.ACTIVE:
             return False
-        if published.access_key_id is not None and published.access_key_id in p.keys:
+        if (
+            published.access_key_id is not None
+            and published.access_key_id in p.keys
+            and rotation.published_secret_problem(p.state, published) is None
+        ):
             return False  # a key of the user: rolled back, or someone's choice; not undone
         tried = f"{spec.secret_path}@{published.version}"
         if p.state.restore_tried == tried:
@@ -1105,6 +1122,20 @@ class Engine:
             found = self._store.read_published_secret(spec.secret_path, version)
             if found is None or found[0] != current.key_id:
                 continue
+            digest = model.secret_digest(found[1].reveal())
+            if digest == published.secret_digest:
+                continue  # the broken secret itself, in an earlier version
+            if current.secret_digest is not None and digest != current.secret_digest:
+                # not the secret rotator verified: no signature is spent to learn it fails
+                log.warning(
+                    "published_not_restored",
+                    target=spec.name,
+                    key_id=current.key_id,
+                    secret_path=spec.secret_path,
+                    from_version=version,
+                    reason="that version's secret is not the one rotator verified for this key",
+                )
+                return False
             self._check_stop(p)
             result = self._iam.verify_key(current.key_id, found[1])
             if result.outcome is not model.VerifyOutcome.VALID:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,10 @@ def _opt_time(value: Any) -> datetime | None:
     return None if value in (None, "") else parse_time(str(value))
 
 
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def _fmt_opt(value: datetime | None) -> str | None:
     return None if value is None else format_time(value)
 
@@ -252,8 +257,26 @@ class Published:
     created_at: datetime | None
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields others put there; kept
     version: int = 0
+    # SHA-256 of its secret_access_key (None: not known); missing: the secret holds a key id
+    # and no usable secret_access_key (absent, empty, not a string): consumers cannot sign
+    secret_digest: str | None = None
+    secret_missing: bool = False
 
     PUBLISHED_FIELDS = ("access_key_id", "secret_access_key", "created_at")
+
+
+def secret_digest(secret: str) -> str:
+    """A fingerprint of a secret key (SHA-256, hex) to tell it from another; never the secret.
+    The secret is 40 random characters: the digest cannot be turned back into it."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def published_secret(data: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(secret_digest, secret_missing) of a published secret's data, as Published holds them."""
+    secret = data.get("secret_access_key")
+    if isinstance(secret, str) and secret:
+        return secret_digest(secret), False
+    return None, data.get("access_key_id") not in (None, "")
 
 
 @dataclass(frozen=True)
@@ -262,6 +285,7 @@ class CurrentKey:
     created: datetime
     published_at: datetime
     verified_at: datetime
+    secret_digest: str | None = None  # secret_digest() of its secret (None: not known)
 
 
 @dataclass(frozen=True)
@@ -378,6 +402,11 @@ class TargetState:
                 "created": format_time(self.current.created),
                 "published_at": format_time(self.current.published_at),
                 "verified_at": format_time(self.current.verified_at),
+                **(
+                    {}
+                    if self.current.secret_digest is None
+                    else {"secret_sha256": self.current.secret_digest}
+                ),
             }
         )
         doc["retiring"] = [
@@ -459,6 +488,7 @@ class TargetState:
                     created=parse_time(cur["created"]),
                     published_at=parse_time(cur["published_at"]),
                     verified_at=parse_time(cur["verified_at"]),
+                    secret_digest=_opt_str(cur.get("secret_sha256")),
                 ),
                 retiring=tuple(
                     RetiringKey(

@@ -481,6 +481,8 @@ def _due(
     elif by_id[published.access_key_id].status is model.KeyStatus.INACTIVE:
         # an older, retired key (the secret restored, or its path moved back): consumers fail
         reason = "the published secret holds an Inactive key"
+    elif (broken := published_secret_problem(state, published)) is not None:
+        reason = broken
     elif next_due is not None and now >= next_due:
         if window_open is not None and not window_open(now):
             return None, next_due
@@ -490,6 +492,30 @@ def _due(
     if state.retry_after is not None and now < state.retry_after:
         return None, state.retry_after
     return reason, next_due
+
+
+def published_secret_problem(state: model.TargetState, published: model.Published) -> str | None:
+    """Why consumers cannot sign with the published secret although its key id is a working
+    key (edited by hand), or None. The secret itself is never read back: its digest is
+    compared with the one the state keeps of the current key's, from its verification."""
+    if published.secret_missing:
+        return (
+            f"the published secret holds key {published.access_key_id} but no usable "
+            "secret_access_key (absent, empty or not a string): consumers cannot sign with it"
+        )
+    current = state.current
+    if (
+        current is not None
+        and published.access_key_id == current.key_id
+        and current.secret_digest is not None
+        and published.secret_digest is not None
+        and published.secret_digest != current.secret_digest
+    ):
+        return (
+            f"the published secret's secret_access_key is not the one of key {current.key_id} "
+            "that rotator verified (edited by hand?): consumers cannot sign with it"
+        )
+    return None
 
 
 def _works(by_id: dict[str, model.AccessKey], key_id: str | None) -> bool:
@@ -669,6 +695,7 @@ def promote(
             created=pending.created,
             published_at=now,
             verified_at=pending.last_attempt_at or now,
+            secret_digest=model.secret_digest(pending.secret.reveal()),
         ),
         retiring=tuple(r for r in retiring if r.key_id != pending.key_id),
         pending=None,

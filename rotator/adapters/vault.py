@@ -454,11 +454,14 @@ class VaultStore:
             return model.Published(None, None, {}, version=version)
         extra = {k: v for k, v in data.items() if k not in model.Published.PUBLISHED_FIELDS}
         key_id = data.get("access_key_id")
+        digest, missing = model.published_secret(data)
         return model.Published(
             access_key_id=None if key_id in (None, "") else str(key_id),
             created_at=_lenient_time(data.get("created_at")),
             extra=extra,
             version=version,
+            secret_digest=digest,
+            secret_missing=missing,
         )
 
     def read_published_secret(
@@ -495,6 +498,7 @@ class VaultStore:
             created_at=model.utc(key.created),
             extra=dict(base.extra),
             version=version,
+            secret_digest=model.secret_digest(key.secret.reveal()),
         )
 
     def read_state(self, target: str) -> model.StoredState:

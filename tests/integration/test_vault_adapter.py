@@ -129,6 +129,11 @@ def test_the_published_secret_is_read_back_only_when_complete(
     assert key.secret.reveal() not in repr(found)
     assert store.read_published_secret("team/partial") is None
     assert store.read_published_secret("team/absent") is None
+    # what a pass sees of them: the secret's digest, or that it is missing; never the secret
+    app, partial = store.read_published("team/app"), store.read_published("team/partial")
+    assert app.secret_digest == model.secret_digest(key.secret.reveal())
+    assert not app.secret_missing and partial.secret_missing and partial.secret_digest is None
+    assert not store.read_published("team/absent").secret_missing
 
 
 def test_fields_another_writer_put_there_are_kept_on_read_and_write(

@@ -313,7 +313,7 @@ class FakeVault:
         doc = self.published.get(path)
         if doc is None:
             return None
-        return doc.data["access_key_id"], doc.data["secret_access_key"]
+        return doc.data["access_key_id"], doc.data.get("secret_access_key", "")
 
     def by_hand(self, path: str, data: dict[str, Any] | None) -> None:
         """A person writes ``data`` as a new version of the secret (None: a `kv delete`)."""
@@ -332,11 +332,14 @@ class FakeVault:
         if doc is None:
             return model.Published(None, None, {}, 0)
         extra = {k: v for k, v in doc.data.items() if k not in model.Published.PUBLISHED_FIELDS}
+        digest, missing = model.published_secret(doc.data)
         return model.Published(
             doc.data.get("access_key_id"),
             model.parse_time(doc.data["created_at"]) if "created_at" in doc.data else None,
             extra,
             doc.version,
+            secret_digest=digest,
+            secret_missing=missing,
         )
 
     def read_published_secret(
@@ -374,7 +377,13 @@ class FakeVault:
         self.published_history.append(key.key_id)
         if apply_then_crash:
             raise Crash("publish")
-        return model.Published(key.key_id, key.created, dict(base.extra), base.version + 1)
+        return model.Published(
+            key.key_id,
+            key.created,
+            dict(base.extra),
+            base.version + 1,
+            secret_digest=model.secret_digest(key.secret.reveal()),
+        )
 
     def read_state(self, target: str) -> model.StoredState:
         self._check()
