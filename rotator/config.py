@@ -1282,7 +1282,24 @@ def read_secret_file(path: str | os.PathLike[str], key_path: str) -> Secret:
     value = text.strip()
     if not value:
         raise errors.ConfigError(key_path, f"{file} is empty: write the secret into it")
+    _check_secret_text(value, f"{file}", key_path)
     return Secret(value)
+
+
+def _check_secret_text(value: str, where: str, key_path: str) -> None:
+    """A token, secret id, JWT or secret key is one word: text around it (a second line, a
+    comment, quotes) would be sent as part of it, and the server's refusal, an invalid header
+    or a bad signature, would not say why. The value itself is never shown."""
+    if any(c.isspace() for c in value):
+        raise errors.ConfigError(
+            key_path,
+            f"{where} holds more than the secret (a second line, a space or a comment): it "
+            "must hold the secret alone, on one line",
+        )
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        raise errors.ConfigError(
+            key_path, f"{where} holds the secret in quotes: write it without them"
+        )
 
 
 _ACCESS_KEY_ID = "aws_access_key_id"
@@ -1321,6 +1338,8 @@ def read_eim_credentials(settings: EimSettings) -> tuple[str, Secret] | None:
                 key_path, f"{name} appears twice in {file} (line {number}): keep one"
             )
         values[name] = value.strip()
+        if values[name]:
+            _check_secret_text(values[name], f"the {name} of {file} (line {number})", key_path)
     for name in (_ACCESS_KEY_ID, _SECRET_ACCESS_KEY):
         if not values.get(name):
             raise errors.ConfigError(key_path, f"{file} has no {name}: add a line '{name} = ...'")
@@ -1391,6 +1410,7 @@ def read_vault_token(settings: VaultSettings) -> Secret:
         )
     token = os.environ.get("VAULT_TOKEN", "").strip()
     if token:
+        _check_secret_text(token, "VAULT_TOKEN", "vault.auth.token_file")
         return Secret(token)
     if auth.token_file is None:
         raise errors.ConfigError(

@@ -1114,6 +1114,13 @@ def test_no_credentials_file_means_the_standard_boto3_chain(tmp_path: Path) -> N
         ("aws_access_key_id = A\naws_access_key_id = B\n", "aws_access_key_id appears twice"),
         (f"aws_access_key_id = AKIA1\naws_secret_access_key: {SECRET}\n", "line 2 of"),
         (f"aws_access_key_id = AKIA1\n{SECRET}\n", "is not 'name = value'"),
+        # quoted or commented, accepted here then refused by EIM as a bad key (breaker c15)
+        (f'aws_access_key_id = AKIA1\naws_secret_access_key = "{SECRET}"\n', "in quotes"),
+        (f"aws_access_key_id = 'AKIA1'\naws_secret_access_key = {SECRET}\n", "in quotes"),
+        (
+            f"aws_access_key_id = AKIA1\naws_secret_access_key = {SECRET} # ops\n",
+            "the aws_secret_access_key of",
+        ),
     ],
 )
 def test_bad_eim_credentials_file_is_named_without_showing_the_secret(
@@ -1178,6 +1185,29 @@ def test_vault_token_is_not_read_for_login_methods(
         config.read_vault_token(settings)
 
     assert info.value.path == "vault.auth.method"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("hvs.the-token-0001\n# rotated by ops\n", "holds more than the secret"),
+        ("hvs.the-token-0001 hvs.the-token-0002\n", "holds more than the secret"),
+        ('"hvs.the-token-0001"\n', "holds the secret in quotes"),
+    ],
+)
+def test_a_secret_file_holding_more_than_the_secret_is_refused_without_showing_it(
+    tmp_path: Path, content: str, fragment: str
+) -> None:
+    # sent as it was, a second line made Vault's client fail with InvalidHeader, reported as
+    # Vault unreachable: "check the network" (breaker c16)
+    (tmp_path / "token").write_text(content)
+
+    with pytest.raises(errors.ConfigError) as info:
+        config.read_secret_file(tmp_path / "token", "vault.auth.token_file")
+
+    assert info.value.path == "vault.auth.token_file"
+    assert fragment in info.value.message
+    assert "the-token" not in str(info.value)
 
 
 def test_empty_secret_file_is_rejected(tmp_path: Path) -> None:
