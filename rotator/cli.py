@@ -160,7 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "adopt":
             _check_targets([args.target], runtime)
             spec = runtime.specs[args.target]
-            _out(runtime.engine.adopt(spec, args.key_id, others=runtime.specs.values()))
+            wait = 2 * settings.vault.lock_ttl.total_seconds()  # as rotate: a pass may hold it
+            _out(
+                runtime.engine.adopt(
+                    spec, args.key_id, others=runtime.specs.values(), lock_wait=wait
+                )
+            )
             return EXIT_OK
     except errors.ConfigError as exc:
         print(f"rotator: config error: {log.redact(str(exc))}", file=sys.stderr)

@@ -292,7 +292,8 @@ class _Pass:
     state: model.TargetState = field(default_factory=model.TargetState)
     actions: list[str] = field(default_factory=list)
     components: list[str] = field(default_factory=list)
-    rotated: bool = False
+    rotated: bool = False  # a promotion this pass wrote to the state
+    published_new: bool = False  # this pass published a new key (its state write may fail)
     rotation_failed: bool = False
     blocked: str | None = None
     decision: rotation.Decision | None = None
@@ -390,7 +391,12 @@ class Engine:
         except errors.RotatorError as exc:
             error = f"{exc}; {self._retry_note}" if exc.transient else str(exc)
             components.append(exc.component)
-            if p is not None and p.decision is not None and p.decision.due_reason is not None:
+            if (
+                p is not None
+                and p.decision is not None
+                and p.decision.due_reason is not None
+                and not p.published_new  # published: the next pass finishes it, no failure
+            ):
                 p.rotation_failed = True
             bound.warning("pass_failed", error=error, component=exc.component)
             self._record_failure(p, error)
@@ -763,8 +769,8 @@ class Engine:
             p.state = rotation.promote(
                 p.state, pending, spec.policy, now, replaced=pending.replaces
             )
-            p.rotated = True
             self._flush(p)
+            p.rotated = True
         elif action.kind is kind.RESOLVE_PENDING:
             self._resolve_pending(p)
         elif action.kind in rotation.DELETING:
@@ -1021,7 +1027,7 @@ class Engine:
         now = self._clock.now()
         old = p.state.current
         p.state = rotation.promote(p.state, pending, spec.policy, now, replaced=base.access_key_id)
-        p.rotated = True
+        p.published_new = True
         p.state = self._outcome(p)  # one state write for the promotion and the pass's outcome
         log.info(
             "key_published",
@@ -1031,6 +1037,9 @@ class Engine:
             previous_key_id=old.key_id if old else None,
         )
         self._flush(p)
+        # counted once the state says so: a promotion whose write is lost (check-and-set) is
+        # finished, and counted, by the next pass (PROMOTE_PENDING)
+        p.rotated = True
 
     def _move_published(self, p: _Pass, old_path: str) -> None:
         """The config names another ``secret_path`` than the one the current key was published
@@ -1509,14 +1518,36 @@ class Engine:
             last_error=f"IAM not read, keys as rotator's state records them: {error}",
         )
 
-    def adopt(self, spec: TargetSpec, key_id: str, others: Iterable[TargetSpec] = ()) -> str:
+    def adopt(
+        self,
+        spec: TargetSpec,
+        key_id: str,
+        others: Iterable[TargetSpec] = (),
+        *,
+        lock_wait: float = 0.0,
+    ) -> str:
         """Hand a foreign key to the rotator, which retires it like its own. Returns a summary.
 
         A key another target's state tracks (``others``: the configured targets; and the states
         of targets the config no longer names) is refused: it is not foreign, and that target
-        may still publish it. A state written meanwhile (a pass of the daemon) is read again
-        and the adoption made over it, a few times."""
+        may still publish it. Made under the target's lease (waiting up to ``lock_wait`` for a
+        pass holding it), as a pass's changes are: a rotation in flight is not written over."""
         others = list(others)
+        if self._lock is None or self._dry_run:
+            return self._adopt_tries(spec, key_id, others)
+        try:
+            with self._leased(spec, lock_wait):
+                return self._adopt_tries(spec, key_id, others)
+        except LockHeld as held:
+            raise errors.LockError(
+                f"{key_id} was not adopted: target {spec.name} is being worked on by "
+                f"{held.holder} (its lease was not free within {lock_wait:g}s): run `rotator "
+                "adopt` again"
+            ) from None
+
+    def _adopt_tries(self, spec: TargetSpec, key_id: str, others: list[TargetSpec]) -> str:
+        """A state written meanwhile (a process without the lease: an older rotator) is read
+        again and the adoption made over it, a few times."""
         for _ in range(ADOPT_TRIES - 1):
             with contextlib.suppress(errors.VaultConflict):
                 return self._adopt(spec, key_id, others)

@@ -221,6 +221,33 @@ def test_a_rotation_given_up_backs_off_but_the_key_stays_due_by_its_age() -> Non
     assert report.due_by_age == current.created + POLICY.max_age  # what the metric shows
 
 
+def test_a_rotation_whose_promotion_write_is_lost_is_counted_once_and_never_as_failed() -> None:
+    # another writer (`adopt`, a replica) wrote the state between the publish and the state
+    # write: the pass failed on check-and-set and counted a rotation, and the next pass,
+    # finishing it, counted it again (breaker c17)
+    w = World()
+    w.run()
+    w.clock.advance(minutes=10)
+    publish = w.vault.write_published
+
+    def then_another_writer(path: str, key: model.NewKey, base: model.Published) -> model.Published:
+        written = publish(path, key, base)
+        stored = w.vault.read_state("monitoring")
+        w.vault.write_state("monitoring", stored.state, stored.version)
+        return written
+
+    w.vault.write_published = then_another_writer  # type: ignore[method-assign]
+    lost = w.run()
+    w.vault.write_published = publish  # type: ignore[method-assign]
+    finished = w.run()
+
+    assert not lost.ok and "vault" in lost.error_components
+    assert not lost.rotated and not lost.rotation_failed
+    assert finished.rotated and finished.ok
+    assert any(a.startswith("promote_pending") for a in finished.actions)
+    assert w.published_works()
+
+
 def test_vault_down_means_no_iam_change() -> None:
     w = World()
     w.vault.down = True
@@ -1330,6 +1357,28 @@ def test_a_target_whose_lease_another_replica_holds_is_skipped_untouched() -> No
     lock.release(SPEC.name, "replica-b")
     assert mine.run_pass(SPEC).rotated
     assert lock.holder(SPEC.name) is None  # released at the end of the pass
+
+
+def test_adopt_waits_for_the_lease_a_pass_holds_and_takes_it_itself() -> None:
+    # it wrote the state while the daemon held the lease mid-rotation, whose state write then
+    # lost check-and-set after the publish (breaker c17)
+    w = World()
+    w.iam.users["watcher_1"] = []
+    hand = w.iam.add_foreign_key("watcher_1")
+    w.run()
+    lock = FakeLock(w.clock)
+    lock.acquire(SPEC.name, "replica-b", 15)
+    mine = engine.Engine(w.iam, w.vault, w.clock, lock=lock, holder="replica-a")
+    before = w.vault.read_state(SPEC.name).version
+
+    with pytest.raises(errors.LockError) as held:
+        mine.adopt(SPEC, hand, lock_wait=1.0)
+
+    assert "not adopted" in str(held.value) and "replica-b" in str(held.value)
+    assert w.vault.read_state(SPEC.name).version == before  # nothing written
+    lock.release(SPEC.name, "replica-b")
+    assert "adopted" in mine.adopt(SPEC, hand, lock_wait=1.0)
+    assert lock.holder(SPEC.name) is None  # given back
 
 
 def test_an_idle_pass_does_not_take_the_lease() -> None:
