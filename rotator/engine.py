@@ -341,6 +341,9 @@ class Engine:
         self._scan_lock = threading.Lock()
         # policy name -> the document (canonical JSON) this engine last made its default
         self._policies_set: dict[str, str] = {}
+        # ("group" | "policy", name) -> held while a pass changes that shared entity: the
+        # targets sharing it, in this engine's workers, change it one at a time
+        self._shared_changing: dict[tuple[str, str], threading.Lock] = {}
         # target -> (pending key, attempts) as this engine last counted them
         self._attempts_made: dict[str, tuple[str, int]] = {}
         self._scan_denied: str | None = None  # why the states could not be listed
@@ -614,8 +617,26 @@ class Engine:
         if desired is None:
             return
         changes, policy = self._observe_identity(p, fresh=False)
-        if any(_shared_keys(change) for change in changes):
+        if not any(_shared_keys(change) for change in changes):
+            self._make_identity_changes(p, changes, policy)
+            return
+        # The group or policy needs a change: read them again, fresh, while holding them, so
+        # that the other targets sharing them do not make the same change again (a policy
+        # version twice, a false policy_contested, both deleting one old version).
+        subjects = [("group", desired.group or "")]
+        if desired.policy is not None:
+            subjects.append(("policy", desired.policy.name))
+        with contextlib.ExitStack() as held:
+            for subject in sorted(s for s in subjects if s[1]):
+                with self._scan_lock:
+                    lock = self._shared_changing.setdefault(subject, threading.Lock())
+                held.enter_context(lock)
             changes, policy = self._observe_identity(p, fresh=True)
+            self._make_identity_changes(p, changes, policy)
+
+    def _make_identity_changes(
+        self, p: _Pass, changes: tuple[identity.Change, ...], policy: model.Policy | None
+    ) -> None:
         for change in changes:
             p.actions.append(change.describe())
             if self._dry_run:
@@ -669,7 +690,8 @@ class Engine:
             elif change.kind is kind.DELETE_POLICY_VERSION:
                 assert policy is not None
                 assert change.version_id is not None
-                self._iam.delete_policy_version(policy.arn, change.version_id)
+                with contextlib.suppress(errors.EimNoSuchEntity):  # another replica did it
+                    self._iam.delete_policy_version(policy.arn, change.version_id)
             elif change.kind is kind.CREATE_POLICY_VERSION:
                 assert policy is not None
                 self._iam.create_policy_version(policy.arn, change.document)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -1134,6 +1135,53 @@ def test_a_policy_changed_back_after_rotator_set_it_is_said_to_be_contested() ->
     with structlog.testing.capture_logs() as logs:
         w.engine.run_pass(changed)
     assert [e for e in logs if e["event"] == "policy_contested"] == []
+
+
+def test_targets_sharing_a_policy_change_it_once_when_their_passes_overlap() -> None:
+    # 12 targets sharing a policy, after a reload that changed its document: two workers both
+    # made a new version (v2 and v3), the second warned of a contest (its own engine had just
+    # set that document), and at the version limit both deleted one old version (breaker c10)
+    w = World()
+    other = dataclasses.replace(SPEC, name="other", user="watcher_2", secret_path="o/w2")
+    w.run()
+    w.engine.run_pass(other)
+    new_doc = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "ec2:*"}]}
+
+    def reloaded(spec: engine.TargetSpec) -> engine.TargetSpec:
+        assert spec.desired is not None and spec.desired.policy is not None
+        policy = dataclasses.replace(spec.desired.policy, document=new_doc)
+        return dataclasses.replace(spec, desired=dataclasses.replace(spec.desired, policy=policy))
+
+    first, second = reloaded(SPEC), reloaded(other)
+    w.restart()  # the identity is checked again at start (as after a reload)
+    reads = 0
+    held: list[bool] = []  # the policy held by the reading pass: the other waits for it
+    overlapping: list[threading.Thread] = []
+    get_policy = w.iam.get_policy
+
+    def read_then_overlap(name: str) -> model.Policy | None:
+        nonlocal reads
+        reads += 1
+        found = get_policy(name)
+        if reads == 2:  # the first target's fresh read, before it changes the policy
+            held.append(w.engine._shared_changing[("policy", "monitoring")].locked())
+            thread = threading.Thread(target=w.engine.run_pass, args=(second,))
+            overlapping.append(thread)
+            thread.start()
+        return found
+
+    w.iam.get_policy = read_then_overlap  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        w.engine.run_pass(first)
+        for thread in overlapping:
+            thread.join(10)
+
+    assert held == [True]
+    assert overlapping and not overlapping[0].is_alive()
+    assert w.iam.calls.count("CreatePolicyVersion") == 1
+    assert [e for e in logs if e["event"] == "policy_contested"] == []
+    default = w.iam.default_version["monitoring"]
+    assert next(d for v, d, _ in w.iam.policies["monitoring"] if v == default) == new_doc
 
 
 def test_identity_is_not_rechecked_on_every_pass() -> None:
