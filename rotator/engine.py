@@ -1252,8 +1252,9 @@ class Engine:
             raise Stopped
         if p is not None and p.lease is not None and (p.lease.lost.is_set() or p.lease.expired()):
             raise errors.LockError(
-                f"lost the lock of target {p.spec.name} (Vault slow or unreachable?): "
-                "stopping before the next change; the next pass continues"
+                f"lost the lock of target {p.spec.name} (Vault slow or unreachable? or the "
+                "clocks of two replicas apart: see clock_skew in the log): stopping before the "
+                "next change; the next pass continues"
             )
 
     def _report(

@@ -147,6 +147,10 @@ class _Lease:
 # changes): Vault's lock-out (OpenBao: 5 refusals in 15 minutes lock the role for 15) is never
 # reached, and a new secret id or JWT written to its file is tried at once.
 LOGIN_HOLDS = (60.0, 300.0, 900.0)
+# A clock this far from Vault's (beyond the call's own duration) is warned of: replicas judge
+# each other's leases by their own clocks, so a skew near lock_ttl (15 s by default) lets two
+# of them work on one target at once.
+CLOCK_SKEW_WARN = 5.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ class VaultStore:
         self._refused: _Refused | None = None  # the last refused login, while it holds
         self._short_warned = False  # vault_token_short said
         self._mount_expires = False  # setup_warnings() saw delete_version_after on the mount
+        self._skew_warned = False  # clock_skew said
         if isinstance(auth, TokenAuth) and isinstance(auth.token, model.Secret):
             self._set_token(auth.token)
 
@@ -698,12 +703,15 @@ class VaultStore:
                 path=path, secret=dict(data), cas=cas, mount_point=self._mount
             )
 
+        sent = _wall_clock()
         response = self._call(op, call)
+        answered = _wall_clock()
         if not isinstance(response, dict):
             # A KV v1 engine accepts the write (204, no version): the mount is the wrong kind.
             raise self._not_kv_v2()
         written = _mapping(response.get("data"))
         version = _version(written.get("version"))
+        self._check_clock(_lenient_time(written.get("created_time")), sent, answered)
         deletion = _text(written.get("deletion_time"))
         if expiring and deletion and not self._mount_expires and path not in self._expiring:
             self._expiring.add(path)
@@ -717,6 +725,27 @@ class VaultStore:
                 f"and unset it on the mount if set there (bao read {self._mount}/config)",
             )
         return version
+
+    def _check_clock(self, vault_time: datetime | None, sent: float, answered: float) -> None:
+        """Warn once when this host's clock is off Vault's (the time Vault gave a write it
+        answered between ``sent`` and ``answered``, this host's times)."""
+        if vault_time is None or self._skew_warned:
+            return
+        vault = vault_time.timestamp()
+        if sent - CLOCK_SKEW_WARN <= vault <= answered + CLOCK_SKEW_WARN:
+            return
+        self._skew_warned = True
+        skew = (sent + answered) / 2 - vault
+        log.warning(
+            "clock_skew",
+            skew_seconds=round(skew, 1),
+            note=f"this host's clock is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
+            "Vault's: replicas judge each other's leases by their own clocks, so a skew near "
+            "vault.lock_ttl lets two of them work on one target at once (check-and-set still "
+            "guards the writes, at the cost of failed passes), and EIM refuses signatures more "
+            "than 5 minutes off. Keep every host's clock synchronised (NTP, chrony, "
+            "systemd-timesyncd)",
+        )
 
     def _not_kv_v2(self) -> errors.VaultError:
         return errors.VaultError(
@@ -1074,6 +1103,11 @@ def _version(value: object) -> int:
     if isinstance(value, str) and value.isdigit():
         return int(value)
     raise errors.VaultError(f"Vault returned a KV version that is not a number: {value!r}")
+
+
+def _wall_clock() -> float:
+    """This host's clock (the one compared with Vault's)."""
+    return time.time()
 
 
 def _lenient_time(value: object) -> datetime | None:

@@ -111,6 +111,23 @@ def test_published_round_trip_puts_the_secret_in_secret_access_key_and_created_a
     assert key.secret.reveal() not in repr(read)
 
 
+@pytest.mark.parametrize(("offset", "said"), [(30.0, "30 s ahead of"), (-30.0, "30 s behind")])
+def test_a_host_clock_off_vaults_is_warned_of_once(
+    store: VaultStore, monkeypatch: pytest.MonkeyPatch, offset: float, said: str
+) -> None:
+    # replicas judge each other's leases by their own clocks: a replica 20 s ahead took every
+    # lease of the other mid-rotation, and only `lock_lost` "(Vault slow?)" was said (c11)
+    with structlog.testing.capture_logs() as logs:
+        store.write_published("team/app", new_key(), store.read_published("team/app"))  # in time
+        monkeypatch.setattr(vault_adapter, "_wall_clock", lambda: time.time() + offset)
+        for _ in range(2):
+            store.write_published("team/app", new_key(), store.read_published("team/app"))
+
+    [skew] = [e for e in logs if e["event"] == "clock_skew"]
+    assert skew["log_level"] == "warning" and said in skew["note"]
+    assert abs(skew["skew_seconds"] - offset) < 3 and "NTP" in skew["note"]
+
+
 def test_the_published_secret_is_read_back_only_when_complete(
     store: VaultStore, vault: VaultFixture
 ) -> None:
