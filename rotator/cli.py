@@ -148,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _passes(runtime, list(runtime.specs), force=False)
             with contextlib.suppress(errors.RotatorError):  # Vault away: the passes said so
                 daemon.warn_unconfigured(runtime.engine.unconfigured_view(runtime.specs.values()))
+                # what the daemon says once Vault answers (max_versions, delete_version_after):
+                # a run --once from cron is the whole deployment
+                for warning in runtime.store.setup_warnings():
+                    logger.warning("config_warning", warning=warning)
             return code
         if command == "rotate":
             targets = list(dict.fromkeys(args.targets))  # one pass per target, even if named twice

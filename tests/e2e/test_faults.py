@@ -322,6 +322,25 @@ def test_once_with_an_admin_lacking_a_permission_exits_1_naming_the_action_witho
     assert keys_of(iam_admin) == {}  # no key was made (or one was cleaned up)
 
 
+@pytest.mark.timeout(90)
+def test_run_once_warns_of_a_mount_that_keeps_one_version_as_the_daemon_does(
+    tmp_path: Path, iam_admin: servers.MotoAdmin, vault: Any, daemon_env: dict[str, str]
+) -> None:
+    # a run --once from cron is the whole deployment: only the daemon said it (breaker c05)
+    vault.client().secrets.kv.v2.configure(mount_point=vault.mount, max_versions=1)
+    cfg, _ = quiet_config(tmp_path, iam_admin, vault, max_age="1h")
+
+    result = run_cli(cfg, daemon_env, "run", "--once")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and '"config_warning"' in line
+    ]
+    assert any("max_versions" in w["warning"] for w in warnings), result.stderr
+
+
 # --- metrics port taken ---------------------------------------------------------------------------
 
 
