@@ -1156,27 +1156,23 @@ class Engine:
             digest = model.secret_digest(found[1].reveal())
             if digest == published.secret_digest:
                 continue  # the broken secret itself, in an earlier version
+            refused = None
             if current.secret_digest is not None and digest != current.secret_digest:
                 # not the secret rotator verified: no signature is spent to learn it fails
+                refused = "that version's secret is not the one rotator verified for this key"
+            else:
+                self._check_stop(p)
+                result = self._iam.verify_key(current.key_id, found[1])
+                if result.outcome is not model.VerifyOutcome.VALID:
+                    refused = f"that version's secret did not authenticate ({result.detail})"
+            if refused is not None:
                 log.warning(
                     "published_not_restored",
                     target=spec.name,
                     key_id=current.key_id,
                     secret_path=spec.secret_path,
                     from_version=version,
-                    reason="that version's secret is not the one rotator verified for this key",
-                )
-                return False
-            self._check_stop(p)
-            result = self._iam.verify_key(current.key_id, found[1])
-            if result.outcome is not model.VerifyOutcome.VALID:
-                log.warning(
-                    "published_not_restored",
-                    target=spec.name,
-                    key_id=current.key_id,
-                    secret_path=spec.secret_path,
-                    from_version=version,
-                    reason=f"that version's secret did not authenticate ({result.detail})",
+                    reason=refused,
                 )
                 return False
             self._check_stop(p)
