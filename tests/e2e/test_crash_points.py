@@ -25,11 +25,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+from rotator import rotation
 from tests.support import servers
 from tests.support.crashkit import (
     BYSTANDER_SECRET,
@@ -366,6 +368,20 @@ def _snapshot(case: Case) -> Snapshot:
 HELD_ORPHAN = frozenset({"CreateAccessKey-applied", "pending-write-never"})
 
 
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _first_pass_after(daemon: Daemon, moment: datetime) -> int:
+    """The number of the first pass that started at or after ``moment`` (one more if none)."""
+    summaries = daemon.summaries()
+    for index, summary in enumerate(summaries, start=1):
+        started = _time(summary["timestamp"]) - timedelta(milliseconds=summary["duration_ms"])
+        if started >= moment:
+            return index
+    return len(summaries) + 1
+
+
 def _first_pass_index(daemon: Daemon, done: Callable[[dict[str, Any]], bool]) -> int | None:
     for index, summary in enumerate(daemon.summaries(), start=1):
         if done(summary):
@@ -373,7 +389,7 @@ def _first_pass_index(daemon: Daemon, done: Callable[[dict[str, Any]], bool]) ->
     return None
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("point", POINTS, ids=[p.id for p in POINTS])
 def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
     point: Point,
@@ -452,8 +468,16 @@ def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
                 and state["current"]["key_id"] == published
             )
 
-        # startup, the killed daemon's lease running out, two passes, the verification wait
-        budget = 5 + LOCK_TTL + 2 * 1 + (10 + YOUNG if point.young else 2) + 3
+        # startup, the killed daemon's lease running out, two passes, the verification wait, and
+        # the wait for a pending key another process counted (rotator.engine._resolve_pending:
+        # its last attempt may have reached EIM, whose lock-out counts it), then a margin
+        pending = snap.pending
+        inherited = (
+            rotation.verify_delay(int(pending.get("attempts", 0)) + 1).total_seconds()
+            if pending is not None and not pending.get("verified_at")
+            else 0.0
+        )
+        budget = 5 + LOCK_TTL + 2 * 1 + inherited + (10 + YOUNG if point.young else 2) + 10
         wait_for(complete, budget, f"the interrupted step of {point.id} completed", second.process)
         elapsed = time.monotonic() - restarted_at
         wait_for(lambda: settled(vault, iam_admin), 20, "no key without a role", second.process)
@@ -481,12 +505,13 @@ def test_kill_9_while_a_call_is_held_then_restart_keeps_every_invariant(
 
     index = _first_pass_index(second, finished)
     logs = "".join(d.log.read_text() for d in daemons)
-    # an interrupted rotation's orphan is held Inactive for inactive_period (1 s, one
-    # check_interval) before its deletion frees the slot: the pass after the hold ends, which is
-    # the next one or the one after, by where in its pass the hold began
-    held = any(e.get("event") == "key_quarantined" for e in second.events())
-    assert held == (point.id in HELD_ORPHAN), (point.id, held)
-    assert index is not None and index <= (3 if held else 2), (index, second.summaries())
+    # an interrupted rotation's orphan is held Inactive (inactive_period, 1 s) before its
+    # deletion frees the slot: the first pass starting after the hold ends finishes the step
+    # (with one pass to spare, as for the other points)
+    held = [e for e in second.events() if e.get("event") == "key_quarantined"]
+    assert bool(held) == (point.id in HELD_ORPHAN), (point.id, held)
+    limit = 2 if not held else _first_pass_after(second, _time(held[0]["delete_at"])) + 1
+    assert index is not None and index <= limit, (index, limit, second.summaries())
     assert watcher.problems == [], watcher.problems
     # at least the three uses after the restart (none before it when the crash came before the
     # first key was published)
