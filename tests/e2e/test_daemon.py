@@ -153,8 +153,10 @@ def run_until_first_key(
 
 
 def logged(err: Path, event: str) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines in ``err`` whose event is ``event``, in order."""
-    lines = (json.loads(line) for line in err.read_text().splitlines() if line)
+    """The daemon's JSON log lines in ``err`` whose event is ``event``, in order (a last
+    line the daemon is still writing is not one yet)."""
+    complete = err.read_text().rpartition("\n")[0]
+    lines = (json.loads(line) for line in complete.splitlines() if line)
     return [e for e in lines if e["event"] == event]
 
 

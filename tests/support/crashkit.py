@@ -469,10 +469,17 @@ class Watcher:
         try:
             sts.get_caller_identity()
             self.uses += 1
-        except ClientError as exc:
-            self.problems.append(f"published {key_id}: {exc.response['Error']['Code']}")
-        except BotoCoreError as exc:
-            self.problems.append(f"published {key_id}: {type(exc).__name__}")
+        except (ClientError, BotoCoreError) as exc:
+            # a key superseded between the read and the use is a late consumer, not a broken
+            # publish: a problem only while that key is still the published one
+            again = self.vault.read_raw(self.secret_path)
+            if again and again["access_key_id"] == key_id:
+                code = (
+                    exc.response["Error"]["Code"]
+                    if isinstance(exc, ClientError)
+                    else type(exc).__name__
+                )
+                self.problems.append(f"published {key_id}: {code}")
         finally:
             sts.close()
         # the published key must be Active in IAM (moto itself accepts Inactive keys)

@@ -170,7 +170,11 @@ class Consumer:
                 ec2.describe_regions()
                 self.uses += 1
             except ClientError as exc:
-                self.failures.append(f"{key_id}: {exc.response['Error']['Code']}")
+                # a key superseded between the read and the use (moto's EC2 backend takes
+                # seconds to build on a first call) is a late consumer, not a broken publish
+                again = self.vault.read_raw("monitoring/watcher_1")
+                if again and again["access_key_id"] == key_id:
+                    self.failures.append(f"{key_id}: {exc.response['Error']['Code']}")
 
 
 @dataclass
