@@ -67,7 +67,7 @@ deploy-check: $(VENV)/.deploy-tools
 	rm -rf $(DEPLOY_TMP)
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .demo-* .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # Benchmarks (benchmarks/REPORT.md, scaling.png): `make bench` measures N = 10, 100, 1000 in about
 # 20 minutes; `make bench-smoke` runs the suite at N = 3 into build/bench-smoke (under a minute).
