@@ -526,7 +526,7 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]  # apscheduler has no type
     Targets are spread over the first 10 % of the interval (30 s at most) in whole-second slots,
     each target keeping its slot, so the targets of one slot start together and the workers take
     them back to back. Passes started one at a time at random instants (APScheduler's jitter, as
-    before) cost a third more CPU each: a pass after a pause finds the caches cold
+    before) cost about a quarter more CPU each: a pass after a pause finds the caches cold
     (benchmarks/FINDINGS.md, finding 14). The calls per second, which OUTSCALE's throttling
     counts, are the same as with jitter over the same 10 %. The first pass after the start or a
     reload is at once (the job's ``next_run_time``); each next one is the first grid instant
